@@ -1,0 +1,1364 @@
+"""LAPO: Latent Action Policies, in one file.
+
+"Learning to Act without Actions" (Schmidt & Jiang, ICLR 2024) learns a policy from videos
+of behaviour, with no action labels:
+
+  stage 1  a latent inverse dynamics model (IDM) looks at (o_{t-1}, o_t, o_{t+1}) and emits a
+           vector-quantised latent action; a forward dynamics model (FDM) must predict o_{t+1}
+           from (o_{t-1}, o_t) and that latent action. The bottleneck forces the latent to
+           carry what the agent did.
+  stage 2  a latent policy imitates the IDM's latent actions from o_t alone.
+  stage 3  the latent policy is decoded into real actions: offline with a small decoder
+           trained on a few labelled frames, or online with PPO (RL + SL).
+
+This file also trains the PPO expert that makes the observation dataset and collects it, so
+the whole method runs from nothing: `python lapo.py pipeline --preset tiny`.
+
+Sections, in the paper's order:
+  1. configuration     every hyperparameter, and the tiny / cpu / paper presets
+  2. environment, data Procgen, return normalisation, the chunked dataset (authors' format)
+  3. networks          IMPALA-CNN, EMA vector quantiser, IDM, U-Net FDM, policies
+  4. utilities         checkpoints, metrics, progress, errors
+  5. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
+  6. command line
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # what and where
+    env: str = "coinrun"  # Procgen game
+    run_dir: str = ""  # checkpoints, metrics and the dataset; default runs/<env>-<preset>
+    data: str = ""  # dataset folder with train/ and test/; default <run_dir>/data
+    preset: str = "paper"  # which preset filled in the defaults below
+    device: str = ""  # default: cuda when available, else cpu
+    seed: int = 0
+    amp: bool = True  # bf16 autocast (CUDA and recent CPUs both run it faster)
+    ckpt_every_s: int = 300  # checkpoint interval in seconds: the most work a crash can cost
+    # networks
+    idm_scale: float = 4  # IMPALA channels (16, 32, 32) x scale, for the IDM
+    policy_scale: float = 4  # ... for the latent policy and the PPO agents
+    fdm_width: int = 24  # U-Net base width b: channels b .. 32b
+    fdm_residual: bool = False  # predict o_{t+1} - o_t instead of o_{t+1} (copying is then free)
+    la_dim: int = 128  # latent action size
+    vq_codebooks: int = 2
+    vq_codes: int = 64  # codes per codebook
+    vq_dim: int = 16  # code size; la_dim / (codebooks * vq_dim) positions per codebook
+    vq_beta: float = 0.05  # commitment cost
+    vq_decay: float = 0.999  # EMA decay of the codebook statistics
+    vq_reset_after: int = 0  # re-seed a code unused for this many steps from a batch vector (0: never)
+    # PPO, shared by the expert (= PPO from scratch) and online fine-tuning
+    num_envs: int = 64
+    num_steps: int = 64  # rollout length per env: one update sees num_envs * num_steps frames
+    minibatches: int = 8
+    epochs: int = 3
+    gamma: float = 0.999
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    expert_frames: int = 50_000_000
+    expert_lr: float = 5e-4
+    expert_ent: float = 0.01
+    # dataset
+    train_frames: int = 8_000_000
+    test_frames: int = 131_072
+    # stage 1: IDM + FDM
+    s1_steps: int = 50_000
+    s1_batch: int = 128
+    s1_lr: float = 3e-4
+    probe_every: int = 5_000  # steps between probes (latent -> true action accuracy)
+    probe_frames: int = 16_384  # held-out windows for the probe, half to fit, half to score
+    probe_steps: int = 500
+    # stage 2: latent behaviour cloning
+    s2_steps: int = 60_000
+    s2_batch: int = 128
+    s2_lr: float = 2e-4
+    # stage 3 offline: latent policy + decoder trained on a few labelled frames
+    labels: int = 256
+    decode_steps: int = 2_000
+    eval_episodes: int = 100
+    # stage 3 online: PPO fine-tuning, RL + SL
+    ft_frames: int = 4_000_000
+    ft_lr: float = 1e-2
+    ft_ent: float = 0.0025
+    ft_schedule_scale: float = 1.0  # stretches the paper's lr ramps and SL window (in frames)
+
+
+PRESETS = {
+    "paper": {},
+    # laptop scale: tuned by experiment, see README "Results"
+    "cpu": dict(idm_scale=1, policy_scale=1, fdm_width=8, fdm_residual=True, vq_reset_after=50,
+                num_envs=64,
+                num_steps=64, minibatches=4, epochs=2, expert_frames=2_000_000,
+                train_frames=262_144, test_frames=32_768, s1_steps=3_000, s1_lr=1e-3,
+                probe_every=500, probe_frames=8_192, probe_steps=300, s2_steps=3_000,
+                s2_lr=1e-3, decode_steps=1_000, ft_frames=500_000, ft_schedule_scale=0.25),
+    # the whole pipeline in minutes: a smoke test whose output is still worth reading
+    "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
+                 num_envs=32,
+                 num_steps=32, minibatches=2, epochs=2, expert_frames=40_960,
+                 train_frames=32_768, test_frames=8_192, s1_steps=300, s1_lr=1e-3,
+                 probe_every=150, probe_frames=4_096, probe_steps=150, s2_steps=300,
+                 s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=32_768,
+                 ft_schedule_scale=0.05, ckpt_every_s=60),
+}
+# fields a checkpoint's network must agree on with the flags that load it
+NET_FIELDS = ("idm_scale", "policy_scale", "fdm_width", "fdm_residual", "la_dim",
+              "vq_codebooks", "vq_codes", "vq_dim")
+
+
+def make_config(preset="paper", **overrides):
+    cfg = Config(preset=preset, **PRESETS[preset])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg.run_dir = cfg.run_dir or f"runs/{cfg.env}-{preset}"
+    cfg.data = cfg.data or str(Path(cfg.run_dir) / "data")
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    if cfg.env not in GAMES:
+        raise LapoError(f"unknown game {cfg.env!r}; choose one of: {', '.join(GAMES)}")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type in (int, float) and f.name not in ("seed", "vq_reset_after"):
+            if not math.isfinite(v) or v <= 0:
+                raise LapoError(f"--{f.name.replace('_', '-')} must be a positive number, got {v}")
+    if cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim):
+        raise LapoError(f"--la-dim {cfg.la_dim} must be a multiple of "
+                        f"--vq-codebooks x --vq-dim = {cfg.vq_codebooks * cfg.vq_dim}")
+    if (cfg.num_envs * cfg.num_steps) % cfg.minibatches:
+        raise LapoError("--num-envs x --num-steps must be divisible by --minibatches")
+    if cfg.probe_frames < 32:
+        raise LapoError("--probe-frames must be at least 32")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LapoError(f"--device {cfg.device}: CUDA is not available on this machine")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Environment and data
+# ----------------------------------------------------------------------------------------
+
+GAMES = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball",
+         "fruitbot", "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder",
+         "starpilot"]
+NUM_ACTIONS = 15  # every Procgen game: LEFT-DOWN, LEFT, LEFT-UP, DOWN, NOOP, UP, ..., Q, E
+# mean episode return (easy mode) of a uniform-random policy and of the authors' experts
+RANDOM_RETURN = dict(zip(GAMES, [0.874, 0.046, 2.597, 0.663, 2.224, 2.705, 0.613, -2.533,
+                                 3.076, 3.411, 2.511, 4.273, 1.251, 2.560, 4.321, 1.525]))
+EXPERT_RETURN = dict(zip(GAMES, [36.34, 11.63, 9.184, 9.956, 10.23, 9.933, 13.49, 29.93,
+                                 9.685, 8.460, 7.408, 9.969, 11.89, 9.475, 11.46, 66.99]))
+TRAIN_CHUNK, TEST_CHUNK = 32_768, 4_096  # frames per chunk, as in the authors' data
+FRAME_BYTES = 64 * 64 * 3
+
+
+def relative_return(game, ret):
+    """0 = uniform-random policy, 1 = the paper's expert."""
+    return (ret - RANDOM_RETURN[game]) / (EXPERT_RETURN[game] - RANDOM_RETURN[game])
+
+
+def make_env(game, num_envs, seed):
+    """Procgen, easy mode, the full level distribution. A baselines-style vector env:
+    reset() -> {"rgb": (E,64,64,3) uint8}; step(a) -> (obs, reward, done, info); it resets
+    finished episodes by itself."""
+    from procgen import ProcgenEnv  # imported here: the networks need no game installed
+
+    return ProcgenEnv(num_envs=num_envs, env_name=game, num_levels=0, start_level=0,
+                      distribution_mode="easy", rand_seed=seed)
+
+
+class RewardNormalizer:
+    """Divides rewards by the running std of the discounted return and clips to [-10, 10],
+    as gym's NormalizeReward + clipping do for PPO on Procgen."""
+
+    def __init__(self, num_envs, gamma):
+        self.gamma, self.ret = gamma, np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, reward, done):
+        self.ret = self.ret * self.gamma + reward
+        m, v, n = self.ret.mean(), self.ret.var(), len(self.ret)  # merge batch stats (Chan et al.)
+        delta, total = m - self.mean, self.count + n
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        self.ret[done] = 0.0
+        return np.clip(reward / np.sqrt(self.var + 1e-8), -10, 10)
+
+    def state_dict(self):
+        return dict(mean=float(self.mean), var=float(self.var), count=float(self.count))
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
+def to_input(obs, device):
+    """uint8 (B, [T,] 64, 64, 3) -> float (B, T*3, 64, 64) in [-0.5, 0.5], channels-last.
+    Observations stay uint8 until they are on the device: 4x less to copy. Frames are stacked
+    on channels, and NHWC uint8 is already channels-last memory, so no copy is made for it."""
+    x = torch.as_tensor(obs).to(device, non_blocking=True)
+    if x.ndim == 5:
+        x = x.permute(0, 2, 3, 1, 4).flatten(3)  # (B, H, W, T*C)
+    x = x.permute(0, 3, 1, 2).float() / 255 - 0.5
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# The dataset is the authors' format: <data>/{train,test}/<i>.npz, chunks of consecutive
+# frames with keys obs (N,64,64,3) uint8, ta (N,) true action, done (N,) bool, rewards,
+# ep_returns, values (N,) float32. done[t] means the episode ended with action ta[t], so
+# obs[t+1] starts a new one; ep_returns[t] is the return of the episode so far.
+CHUNK_KEYS = dict(obs=np.uint8, ta=np.int64, done=np.bool_, rewards=np.float32,
+                  ep_returns=np.float32, values=np.float32)
+
+
+def write_chunk(path, chunk):
+    """Uncompressed .npz (so obs can be memory-mapped), written to a temporary name and
+    renamed, so a crash never leaves a half-written chunk."""
+    tmp = Path(f"{path}.tmp.npz")
+    np.savez(tmp, **{k: np.asarray(chunk[k], dtype=t) for k, t in CHUNK_KEYS.items()})
+    os.replace(tmp, path)
+
+
+def chunk_files(folder):
+    files = [p for p in Path(folder).glob("*.npz") if p.stem.isdigit()]
+    return sorted(files, key=lambda p: int(p.stem))
+
+
+def mmap_npz(path, key):
+    """Memory-map one array of an uncompressed .npz: RAM then holds only the pages in use,
+    so datasets larger than RAM train fine. Returns None if the member is compressed."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # zip local file header; name and extra field lengths at 26..30
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        offset = f.tell()
+    if fortran:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def read_chunk(path):
+    """Returns obs (memory-mapped if possible) and the small per-frame arrays, after checking
+    every key, shape and dtype; a bad chunk raises one line naming the file."""
+    try:
+        with np.load(path) as z:
+            missing = [k for k in CHUNK_KEYS if k not in z.files]
+            if missing:
+                raise LapoError(f"{path}: chunk lacks keys {missing}; expected {list(CHUNK_KEYS)}")
+            small = {k: z[k] for k in CHUNK_KEYS if k != "obs"}
+            obs = mmap_npz(path, "obs")
+            if obs is None:
+                obs = z["obs"]
+    except LapoError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError, ...
+        raise LapoError(f"{path}: corrupt or truncated chunk ({type(e).__name__}: {e}); "
+                        "delete it and re-run `python lapo.py collect`") from None
+    n = len(obs)
+    if obs.shape[1:] != (64, 64, 3) or obs.dtype != np.uint8:
+        raise LapoError(f"{path}: obs is {obs.dtype} {obs.shape}, expected uint8 (N, 64, 64, 3)")
+    for k, v in small.items():
+        if v.shape != (n,) or (k == "ta" and (v.min() < 0 or v.max() >= NUM_ACTIONS)):
+            raise LapoError(f"{path}: {k} has shape {v.shape} (want ({n},)) or values out of range")
+    return obs, small
+
+
+class Dataset:
+    """Transitions (o_{t-1}, o_t, o_{t+1}) from a folder of chunks. Windows never cross a
+    chunk or an episode boundary. Observations are memory-mapped, not loaded."""
+
+    def __init__(self, folder, split):
+        files = chunk_files(Path(folder) / split)
+        if not files:
+            raise LapoError(f"no dataset chunks in {Path(folder) / split}: run "
+                            f"`python lapo.py collect` (or point --data at a dataset)")
+        self.obs, self.ta, index = [], [], []
+        for i, path in enumerate(files):
+            obs, small = read_chunk(path)
+            done = small["done"].astype(bool)
+            t = np.arange(1, len(obs) - 1)
+            t = t[~done[t - 1] & ~done[t]]  # no episode ends between t-1 and t+1
+            self.obs.append(obs)
+            self.ta.append(small["ta"].astype(np.int64))
+            index.append(np.stack([np.full_like(t, i), t], 1))
+        self.index = np.concatenate(index)
+        self.frames = sum(len(o) for o in self.obs)
+        if len(self.index) == 0:
+            raise LapoError(f"{Path(folder) / split}: no complete transitions in the dataset")
+
+    def __len__(self):
+        return len(self.index)
+
+    def get(self, idx):
+        """windows (B, 3, 64, 64, 3) uint8 and the true action taken at o_t, (B,)"""
+        obs = np.stack([self.obs[c][t - 1 : t + 2] for c, t in self.index[idx]])
+        ta = np.array([self.ta[c][t] for c, t in self.index[idx]])
+        return obs, ta
+
+    def sample(self, rng, batch):
+        return self.get(rng.integers(len(self), size=batch))
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Networks
+# ----------------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv0 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA-CNN (Espeholt et al. 2018): three (conv3x3, maxpool 3x3/2, 2 residual blocks)
+    sequences, then a linear layer to 256 features. 64x64 -> 8x8 spatially."""
+
+    def __init__(self, in_channels, scale, features=256):
+        super().__init__()
+        layers = []
+        for c in (16, 32, 32):
+            c = int(c * scale)
+            layers += [nn.Conv2d(in_channels, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                       ResidualBlock(c), ResidualBlock(c)]
+            in_channels = c
+        self.conv = nn.Sequential(*layers, nn.Flatten(), nn.ReLU())
+        self.fc = nn.Linear(in_channels * 8 * 8, features)
+
+    def forward(self, x):
+        return F.relu(self.fc(self.conv(x)))
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Vector quantisation (van den Oord et al. 2017) with an EMA codebook: no codebook
+    gradients, codes move to the running mean of the vectors assigned to them.
+    A latent of size G*P*D is read as G codebooks x P positions x D dims; each D-vector snaps
+    to the nearest of its codebook's K codes. Gradients pass straight through."""
+
+    def __init__(self, codebooks, codes, dim, beta, decay, reset_after=0, eps=1e-5):
+        super().__init__()
+        self.beta, self.decay, self.reset_after, self.eps = beta, decay, reset_after, eps
+        codebook = torch.empty(codebooks, codes, dim).uniform_(-5 / codes, 5 / codes)
+        self.register_buffer("codebook", codebook)  # (G, K, D)
+        self.register_buffer("ema_count", torch.ones(codebooks, codes))
+        self.register_buffer("ema_sum", codebook.clone())
+        self.register_buffer("idle_steps", torch.zeros(codebooks, codes))
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, z):
+        """z (B, G*P*D) -> z_q (B, G*P*D), commitment loss, perplexity, codes (B, G, P)"""
+        G, K, D = self.codebook.shape
+        B = z.shape[0]
+        x = z.float().view(B, G, -1, D).transpose(0, 1).reshape(G, -1, D)  # (G, B*P, D)
+        dist = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
+                + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
+        idx = dist.argmin(-1)
+        q = torch.gather(self.codebook, 1, idx.unsqueeze(-1).expand(-1, -1, D))
+        onehot = F.one_hot(idx, K).float()
+        if self.training:
+            with torch.no_grad():
+                self.ema_count.mul_(self.decay).add_(onehot.sum(1), alpha=1 - self.decay)
+                self.ema_sum.mul_(self.decay).add_(onehot.transpose(1, 2) @ x, alpha=1 - self.decay)
+                if self.reset_after:  # codebook collapse: a code nobody picks never moves again,
+                    # so one idle for reset_after steps restarts at a random vector of this batch
+                    used = onehot.sum(1) > 0
+                    self.idle_steps.add_(1).mul_(~used)
+                    dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
+                    sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
+                    self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
+                    self.ema_count.copy_(torch.where(dead[..., 0], 1.0, self.ema_count))
+                    self.idle_steps.mul_(~dead[..., 0])
+                n = self.ema_count.sum(-1, keepdim=True)  # Laplace smoothing: no division by 0
+                count = (self.ema_count + self.eps) / (n + K * self.eps) * n
+                self.codebook.copy_(self.ema_sum / count.unsqueeze(-1))
+        commitment = self.beta * F.mse_loss(x, q.detach())
+        q = x + (q - x).detach()  # straight-through: forward is q, gradient flows to x
+        usage = onehot.mean(1)  # (G, K)
+        perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum(-1)).mean()
+        z_q = q.view(G, B, -1, D).transpose(0, 1).reshape(B, -1)
+        return z_q, commitment, perplexity, idx.view(G, B, -1).transpose(0, 1)
+
+
+class IDM(nn.Module):
+    """Latent inverse dynamics: (o_{t-1}, o_t, o_{t+1}) on 9 channels -> latent action."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cnn = ImpalaCNN(9, cfg.idm_scale)
+        self.head = nn.Linear(256, cfg.la_dim)
+        self.vq = VectorQuantizerEMA(cfg.vq_codebooks, cfg.vq_codes, cfg.vq_dim, cfg.vq_beta,
+                                     cfg.vq_decay, cfg.vq_reset_after)
+
+    def forward(self, x):
+        """x (B, 9, 64, 64) -> la (continuous), la_q (quantised), commitment loss, perplexity"""
+        la = self.head(self.cnn(x))
+        la_q, commitment, perplexity, _ = self.vq(la)
+        return la, la_q, commitment, perplexity
+
+
+class ResLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(c // 2, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def down_block(c_in, c_out):  # halves the resolution
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
+                         ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
+
+
+def up_block(c_in, c_out):  # doubles the resolution
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), nn.BatchNorm2d(c_out),
+                         ResLayer(c_out), nn.ReLU())
+
+
+class FDM(nn.Module):
+    """Forward dynamics: U-Net from (o_{t-1}, o_t) and the latent action to o_{t+1}.
+    The latent action is tiled over the image at the input and fed again at the 1x1
+    bottleneck, so the decoder cannot ignore it. Channels b, 2b, .., 16b down to 2x2, 32b at
+    1x1, then back up with skip connections."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        b, la, self.residual = cfg.fdm_width, cfg.la_dim, cfg.fdm_residual
+        widths = [b, 2 * b, 4 * b, 8 * b, 16 * b]  # 32, 16, 8, 4, 2 pixels
+        self.down = nn.ModuleList(down_block(c_in, c_out)
+                                  for c_in, c_out in zip([6 + la] + widths[:-1], widths))
+        self.mid = nn.Conv2d(16 * b, 32 * b, 2)  # 2x2 -> 1x1
+        self.up = nn.ModuleList([up_block(32 * b + la, 16 * b)] + [
+            up_block(2 * c, c_out) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
+        self.out = nn.Sequential(nn.Conv2d(b + 6, b, 3, padding=1), ResLayer(b), nn.ReLU(),
+                                 nn.Conv2d(b, 3, 1))
+
+    def forward(self, x, la):
+        """x (B, 6, 64, 64) = (o_{t-1}, o_t); la (B, la_dim) -> o_{t+1} prediction (B, 3, 64, 64)"""
+        h = torch.cat([x, la[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1)
+        skips = []
+        for block in self.down:
+            h = block(h)
+            skips.append(h)
+        h = self.up[0](torch.cat([self.mid(h), la[:, :, None, None]], 1))
+        for block, skip in zip(self.up[1:], reversed(skips)):
+            h = block(torch.cat([h, skip], 1))
+        out = self.out(torch.cat([h, x], 1))
+        if self.residual:  # predict the change: a still frame costs nothing, motion must be explained
+            return x[:, 3:] + torch.tanh(out)
+        return torch.tanh(out) / 2  # pixels live in [-0.5, 0.5]
+
+
+class Policy(nn.Module):
+    """IMPALA-CNN policy from o_t. out = 15 action logits (PPO agents) or a latent action
+    (the latent policy of stage 2). The value head serves PPO."""
+
+    def __init__(self, scale, out_dim):
+        super().__init__()
+        self.cnn = ImpalaCNN(3, scale)
+        self.head = nn.Linear(256, out_dim)
+        self.value = nn.Linear(256, 1)
+
+    def forward(self, x):
+        h = self.cnn(x)
+        return self.head(h), self.value(h).squeeze(-1)
+
+
+def mlp(*sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class DecodedPolicy(nn.Module):
+    """Offline decoding: the latent policy followed by a latent -> true action decoder."""
+
+    def __init__(self, cfg, latent_policy=None):
+        super().__init__()
+        self.latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim)
+        self.decoder = mlp(cfg.la_dim, 128, 128, NUM_ACTIONS)
+
+    def forward(self, x):
+        return self.decoder(self.latent_policy(x)[0]), None
+
+
+class UniformPolicy(nn.Module):
+    """The random reference: every action equally likely."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), NUM_ACTIONS, device=x.device), None
+
+
+class RLSLPolicy(nn.Module):
+    """Online decoding (paper, section 3.3). The latent policy's conv trunk is kept and
+    frozen. Two paths share it:
+      SL path: a frozen copy of the latent policy's linear layer and latent head, then a
+               decoder MLP, trained by supervised learning on (IDM latent, action) pairs.
+      RL path: the latent policy's linear layer (tuned by PPO), a zero-initialised action
+               head and a value head.
+    The logits are the mean of both paths, so at the start (RL head = 0) the agent acts as
+    the decoded latent policy and RL only has to correct it."""
+
+    def __init__(self, cfg, latent_policy=None):
+        super().__init__()
+        latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim)
+        self.conv = latent_policy.cnn.conv
+        self.fc_rl = latent_policy.cnn.fc
+        self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
+        self.la_head = latent_policy.head
+        self.decoder = mlp(cfg.la_dim, 192, 128, 64, NUM_ACTIONS)
+        self.rl_head = nn.Linear(256, NUM_ACTIONS)
+        nn.init.zeros_(self.rl_head.weight)
+        nn.init.zeros_(self.rl_head.bias)
+        self.value = nn.Linear(256, 1)
+        for p in [*self.conv.parameters(), *self.fc_sl.parameters(), *self.la_head.parameters()]:
+            p.requires_grad = False
+
+    def forward(self, x):
+        h = self.conv(x)
+        h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
+        logits = (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2
+        return logits, self.value(h_rl).squeeze(-1)
+
+
+def make_policy(kind, cfg):
+    """Rebuilds a saved acting policy from its kind: every checkpoint that can act says which."""
+    if kind == "ppo":
+        return Policy(cfg.policy_scale, NUM_ACTIONS)
+    if kind == "decoded":
+        return DecodedPolicy(cfg)
+    if kind == "rlsl":
+        return RLSLPolicy(cfg)
+    raise LapoError(f"checkpoint kind {kind!r} cannot act")
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Utilities: errors, checkpoints, metrics, progress
+# ----------------------------------------------------------------------------------------
+
+
+class LapoError(Exception):
+    """A user-facing problem: printed as one line, exit code 2."""
+
+
+STAGE_COMMAND = dict(expert="expert", data="collect", stage1="stage1", stage2="stage2",
+                     decode="decode", finetune="finetune")
+
+
+def save_checkpoint(path, **state):
+    """Plain dict of state_dicts, numbers and the config as a dict: loads anywhere with
+    torch.load(weights_only=True). Temporary name + rename: never a half-written file."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stage, cfg=None, finished=True):
+    """Loads a stage's checkpoint, with one clear line for each way it can be wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise LapoError(f"{path} not found: run `python lapo.py {STAGE_COMMAND[stage]}` "
+                        f"with the same --run-dir first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["config"], ckpt["step"]
+    except Exception as e:
+        raise LapoError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
+                        f"delete it and re-run `python lapo.py {STAGE_COMMAND[stage]}`") from None
+    if finished and not ckpt.get("finished"):
+        raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
+                        f"{STAGE_COMMAND[stage]}` with the same flags to resume it")
+    if cfg is not None:
+        diff = [f"{k}={ckpt['config'][k]} (flags say {getattr(cfg, k)})"
+                for k in NET_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
+        if diff:
+            raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "
+                            f"use the same --preset/flags")
+    return ckpt
+
+
+def resume_state(path, stage, cfg):
+    """The checkpoint of an earlier run of this stage (finished or not), or None."""
+    if not Path(path).exists():
+        return None
+    ckpt = load_checkpoint(path, stage, cfg, finished=False)
+    if ckpt.get("finished"):
+        return ckpt
+    print(f"resuming {path} from step {ckpt['step']}")
+    return ckpt
+
+
+class Logger:
+    """Metrics to <run_dir>/<stage>.jsonl, one JSON object per line, and a progress line on
+    the console every few seconds: step, rate, ETA and the key numbers."""
+
+    def __init__(self, cfg, stage, total, start=0, unit="step"):
+        self.path = Path(cfg.run_dir) / f"{stage}.jsonl"
+        self.stage, self.total, self.unit = stage, total, unit
+        self.start, self.t0, self.last_print = start, time.time(), 0.0
+        if start == 0:
+            self.path.unlink(missing_ok=True)
+
+    def log(self, step, force=False, **metrics):
+        metrics = {k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
+        row = dict(step=int(step), time=round(time.time() - self.t0, 2), **metrics)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")  # default: numpy scalars
+        if force or time.time() - self.last_print > 10:
+            self.last_print = time.time()
+            rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else 0
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in metrics.items())
+            print(f"[{self.stage}] {self.unit} {step}/{self.total} {rate:.1f} {self.unit}s/s "
+                  f"ETA {eta / 60:.1f} min | {shown}", flush=True)
+
+
+def check_finite(loss, what):
+    if not torch.isfinite(loss):
+        raise LapoError(f"{what} became {loss.item()}: stopping; the last checkpoint is intact. "
+                        "Try a lower learning rate.")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def autocast(cfg):
+    return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.amp)
+
+
+def lr_at(step, points, values):
+    """piecewise-linear schedule through (points[i], values[i])"""
+    return float(np.interp(step, points, values))
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Stages
+# ----------------------------------------------------------------------------------------
+
+# --- PPO, for the expert (= PPO from scratch) and for online fine-tuning -----------------
+
+
+def gae(rewards, values, dones, next_value, next_done, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), over a rollout of T steps.
+    dones[t] = 1 if obs[t] starts a new episode (so no bootstrapping from t into t-1)."""
+    T = len(rewards)
+    adv = torch.zeros_like(rewards)
+    last = 0
+    for t in reversed(range(T)):
+        not_done = 1.0 - (next_done if t == T - 1 else dones[t + 1])
+        next_v = next_value if t == T - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_v * not_done - values[t]
+        adv[t] = last = delta + gamma * lam * not_done * last
+    return adv, adv + values
+
+
+def ppo(cfg, stage, agent, opt, lr_fn, frames, ent_coef, ckpt, on_rollout=None):
+    """PPO (Schulman et al. 2017) as in CleanRL's ppo_procgen: collect num_steps in num_envs,
+    GAE, then epochs x minibatches of the clipped objective. lr_fn(frames) gives the learning
+    rate of each optimiser group. on_rollout(obs, actions, dones, frames) sees every rollout
+    (fine-tuning trains its decoder there). Returns the returns of the last 100 episodes."""
+    dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
+    normalize = RewardNormalizer(E, cfg.gamma)
+    state = resume_state(ckpt, stage, cfg)
+    done_frames, returns = 0, []
+    if state is not None:
+        agent.load_state_dict(state["policy"])
+        opt.load_state_dict(state["opt"])
+        normalize.load_state_dict(state["normalizer"])
+        done_frames, returns = state["step"], state["returns"]
+    seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
+    envs = make_env(cfg.env, E, cfg.seed + done_frames)
+    log = Logger(cfg, stage, frames, start=done_frames, unit="frame")
+    obs_buf = torch.zeros(T, E, 64, 64, 3, dtype=torch.uint8, device=dev)
+    actions, logprobs, rewards, dones, values = (torch.zeros(T, E, device=dev) for _ in range(5))
+    next_obs, next_done = envs.reset()["rgb"], torch.zeros(E, device=dev)
+    ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=int)
+    last_save = time.time()
+    while done_frames < frames:
+        for g, lr in zip(opt.param_groups, lr_fn(done_frames)):
+            g["lr"] = lr
+        agent.eval()
+        for t in range(T):
+            obs_buf[t] = torch.as_tensor(next_obs).to(dev, non_blocking=True)
+            dones[t] = next_done
+            with torch.no_grad(), autocast(cfg):
+                logits, value = agent(to_input(obs_buf[t], dev))
+            dist = torch.distributions.Categorical(logits=logits.float())
+            action = dist.sample()
+            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value.float()
+            next_obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
+            next_obs = next_obs["rgb"]
+            ep_ret, ep_len = ep_ret + reward, ep_len + 1
+            for i in np.flatnonzero(done):
+                returns.append(float(ep_ret[i]))
+                log.log(done_frames + t * E + i, episode_return=float(ep_ret[i]),
+                        episode_length=int(ep_len[i]))
+            ep_ret[done], ep_len[done] = 0, 0
+            rewards[t] = torch.as_tensor(normalize(reward, done), device=dev)
+            next_done = torch.as_tensor(done, device=dev, dtype=torch.float32)
+        done_frames += T * E
+        with torch.no_grad(), autocast(cfg):
+            next_value = agent(to_input(next_obs, dev))[1].float()
+        adv, ret = gae(rewards, values, dones, next_value, next_done, cfg.gamma, cfg.gae_lambda)
+        if on_rollout is not None:
+            on_rollout(obs_buf, actions, dones, done_frames)
+
+        agent.train()
+        b_obs, b_act, b_logp = obs_buf.flatten(0, 1), actions.flatten().long(), logprobs.flatten()
+        b_adv, b_ret, b_val = adv.flatten(), ret.flatten(), values.flatten()
+        mb = T * E // cfg.minibatches
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(T * E, device=dev).split(mb):
+                with autocast(cfg):
+                    logits, value = agent(to_input(b_obs[idx], dev))
+                dist = torch.distributions.Categorical(logits=logits.float())
+                ratio = (dist.log_prob(b_act[idx]) - b_logp[idx]).exp()
+                a = (b_adv[idx] - b_adv[idx].mean()) / (b_adv[idx].std() + 1e-8)
+                pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
+                value = value.float()  # clipped value loss, as in the paper's PPO
+                v_clipped = b_val[idx] + (value - b_val[idx]).clamp(-cfg.clip, cfg.clip)
+                v_loss = 0.5 * torch.max((value - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
+                entropy = dist.entropy().mean()
+                loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * entropy
+                check_finite(loss, f"{stage} PPO loss")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                opt.step()
+        recent = returns[-100:]
+        log.log(done_frames, force=False, pg_loss=pg_loss.item(), v_loss=v_loss.item(),
+                entropy=entropy.item(), return_100=float(np.mean(recent)) if recent else float("nan"))
+        if time.time() - last_save > cfg.ckpt_every_s or done_frames >= frames:
+            save_checkpoint(ckpt, policy=agent.state_dict(), opt=opt.state_dict(),
+                            normalizer=normalize.state_dict(), step=done_frames,
+                            returns=returns[-1000:], config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    envs.close()
+    return returns[-100:]
+
+
+def evaluate(cfg, agent, episodes, seed=10_000):
+    """Plays `episodes` episodes on the full level distribution (levels unseen in training:
+    another seed), sampling actions from the policy. Returns the list of episode returns.
+    Each env plays exactly its share of episodes, so short episodes are not favoured."""
+    n_envs = min(episodes, 64)
+    quota = math.ceil(episodes / n_envs)
+    envs = make_env(cfg.env, n_envs, cfg.seed + seed)
+    torch.manual_seed(cfg.seed + seed)
+    obs, ep_ret = envs.reset()["rgb"], np.zeros(n_envs)
+    returns = [[] for _ in range(n_envs)]
+    agent.eval()
+    while min(len(r) for r in returns) < quota:
+        with torch.no_grad(), autocast(cfg):
+            logits = agent(to_input(obs, cfg.device))[0]
+        action = torch.distributions.Categorical(logits=logits.float()).sample()
+        obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
+        obs, ep_ret = obs["rgb"], ep_ret + reward
+        for i in np.flatnonzero(done):
+            if len(returns[i]) < quota:
+                returns[i].append(float(ep_ret[i]))
+            ep_ret[i] = 0
+    envs.close()
+    return [r for env_returns in returns for r in env_returns]
+
+
+def return_summary(cfg, returns):
+    m = float(np.mean(returns))
+    return dict(mean=m, std=float(np.std(returns)), episodes=len(returns),
+                relative=relative_return(cfg.env, m))
+
+
+def run_expert(cfg):
+    """Stage 0: PPO from scratch on the game. The expert that makes the dataset, and the
+    'PPO from scratch' baseline of the paper."""
+    ckpt = Path(cfg.run_dir) / "expert.pt"
+    state = resume_state(ckpt, "expert", cfg)
+    if state is not None and state.get("finished"):
+        print(f"{ckpt} is finished; delete it to train again")
+        return state["results"]
+    agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
+    t0 = time.time()
+    ppo(cfg, "expert", agent, opt, lambda f: [cfg.expert_lr * (1 - f / cfg.expert_frames)],
+        cfg.expert_frames, cfg.expert_ent, ckpt)
+    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
+    results["minutes"] = (time.time() - t0) / 60
+    state = torch.load(ckpt, weights_only=True)
+    save_checkpoint(ckpt, **state, kind="ppo", finished=True, results=results)
+    print(f"[expert] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
+          f"over {results['episodes']} episodes")
+    return results
+
+
+# --- Dataset collection ------------------------------------------------------------------
+
+
+def collect(cfg, random_policy=False, policy_path=None):
+    """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
+    <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
+    chunks come from other levels (another seed). Resumes by appending new chunks."""
+    agent = None
+    if not random_policy:
+        path = policy_path or Path(cfg.run_dir) / "expert.pt"
+        ckpt = load_checkpoint(path, "expert", cfg)
+        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
+        agent.load_state_dict(ckpt["policy"])
+        agent.eval()
+    for split, frames, chunk_len, seed in [("train", cfg.train_frames, TRAIN_CHUNK, 0),
+                                           ("test", cfg.test_frames, TEST_CHUNK, 1_000_000)]:
+        chunk_len = min(chunk_len, frames)
+        n_chunks = math.ceil(frames / chunk_len)
+        folder = Path(cfg.data) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len(chunk_files(folder))
+        for f in chunk_files(folder):  # a chunk that does not read is rewritten, not kept
+            try:
+                read_chunk(f)
+            except LapoError as e:
+                print(f"rewriting bad chunk: {e}")
+                have = min(have, int(f.stem))
+        if have >= n_chunks:
+            print(f"[collect] {folder} already has {have} chunks")
+            continue
+        need = (n_chunks - have) * chunk_len * FRAME_BYTES
+        free = shutil.disk_usage(folder).free
+        if need > free * 0.95:
+            raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
+                            f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
+        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, cfg.seed + seed + have)
+
+
+def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
+    """Runs num_envs games in parallel; an episode joins the chunk stream when it ends, so each
+    chunk is whole runs of consecutive frames and only one episode per env is held in RAM."""
+    E = cfg.num_envs
+    envs = make_env(cfg.env, E, seed)
+    rng = seed_everything(seed)
+    obs = envs.reset()["rgb"]
+    episode = [{k: [] for k in CHUNK_KEYS} for _ in range(E)]
+    pending = {k: [] for k in CHUNK_KEYS}  # finished episodes not yet written
+    chunk, ep_ret = first, np.zeros(E)
+    log = Logger(cfg, "collect", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
+    while chunk < n_chunks:
+        if agent is None:
+            action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
+        else:
+            with torch.no_grad(), autocast(cfg):
+                logits, value = agent(to_input(obs, cfg.device))
+            action = torch.distributions.Categorical(logits=logits.float()).sample().cpu().numpy()
+            value = value.float().cpu().numpy()
+        next_obs, reward, done, _ = envs.step(action.astype(np.int32))
+        ep_ret += reward
+        for i in range(E):
+            # obs[i].copy(): a view would keep the whole (E, 64, 64, 3) batch alive
+            for k, v in zip(CHUNK_KEYS, (obs[i].copy(), action[i], done[i], reward[i], ep_ret[i], value[i])):
+                episode[i][k].append(v)
+            if done[i]:
+                for k in CHUNK_KEYS:
+                    pending[k] += episode[i][k]
+                    episode[i][k] = []
+                ep_ret[i] = 0
+        obs = next_obs["rgb"]
+        while len(pending["ta"]) >= chunk_len and chunk < n_chunks:
+            write_chunk(folder / f"{chunk}.npz", {k: np.stack(v[:chunk_len]) for k, v in pending.items()})
+            pending = {k: v[chunk_len:] for k, v in pending.items()}
+            chunk += 1
+            log.log(chunk * chunk_len, force=True, chunk=chunk)
+    envs.close()
+
+
+# --- Stage 1: latent IDM + FDM ------------------------------------------------------------
+
+
+def probe_accuracy(x, y, steps, seed=0):
+    """How much of the true action can be read from features x: an MLP (128, 128) fitted on
+    the first half, accuracy on the second half. Labels are used for this evaluation only."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(x) // 2
+    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
+    torch.manual_seed(seed)
+    net = mlp(x.shape[1], 128, 128, NUM_ACTIONS)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            i = torch.randint(n, (256,), generator=g)
+            loss = F.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
+
+
+def idm_fdm_loss(idm, fdm, x):
+    """x (B, 9, 64, 64) = (o_{t-1}, o_t, o_{t+1}). The IDM sees all three frames; the FDM sees
+    the first two and the quantised latent action of this very transition."""
+    la, la_q, commitment, perplexity = idm(x)
+    fdm_loss = F.mse_loss(fdm(x[:, :6], la_q).float(), x[:, 6:])
+    return fdm_loss, commitment, perplexity
+
+
+@torch.no_grad()
+def latent_actions(cfg, idm, windows, batch=256):
+    """IDM latent actions (continuous, quantised) for uint8 windows (N, 3, 64, 64, 3)."""
+    idm.eval()
+    la, la_q = [], []
+    for i in range(0, len(windows), batch):
+        with autocast(cfg):
+            out = idm(to_input(windows[i : i + batch], cfg.device))
+        la.append(out[0].float().cpu())
+        la_q.append(out[1].float().cpu())
+    return torch.cat(la), torch.cat(la_q)
+
+
+def stage1(cfg):
+    """Trains the latent IDM and the FDM jointly: loss = MSE(FDM(o_{t-1}, o_t, vq(IDM(...))),
+    o_{t+1}) + commitment. No action labels are used, except by the probe."""
+    ckpt_path = Path(cfg.run_dir) / "stage1.pt"
+    state = resume_state(ckpt_path, "stage1", cfg)
+    if state is not None and state.get("finished"):
+        print(f"{ckpt_path} is finished; delete it to train again")
+        return state["results"]
+    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    print(f"[stage1] {train.frames} train frames ({len(train)} transitions), "
+          f"{test.frames} test frames")
+    rng = seed_everything(cfg.seed)
+    idm = IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
+    fdm = FDM(cfg).to(cfg.device, memory_format=torch.channels_last)
+    params = [*idm.parameters(), *fdm.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.s1_lr)
+    step = 0
+    if state is not None:
+        idm.load_state_dict(state["idm"]), fdm.load_state_dict(state["fdm"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        rng = seed_everything(cfg.seed + step)
+
+    # The probe's data: fixed held-out windows. Its bars: the majority class, and the same
+    # probe on the raw frame difference o_{t+1} - o_t (what a latent must beat to be useful).
+    probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
+    probe_obs, probe_ta = test.get(probe_idx)
+    probe_ta = torch.as_tensor(probe_ta)
+    majority = torch.bincount(probe_ta, minlength=NUM_ACTIONS).max().item() / len(probe_ta)
+    diff = (torch.as_tensor(probe_obs[:, 2, ::2, ::2]).float()
+            - torch.as_tensor(probe_obs[:, 1, ::2, ::2]).float()).flatten(1) / 255
+    baseline = dict(majority=majority, probe_frame_diff=probe_accuracy(diff, probe_ta, cfg.probe_steps))
+    probe_time = 0.0
+
+    def probe():
+        nonlocal probe_time
+        t = time.time()
+        la, la_q = latent_actions(cfg, idm, probe_obs)
+        test_obs, _ = test.sample(np.random.default_rng(step), cfg.s1_batch)
+        with torch.no_grad(), autocast(cfg):
+            x = to_input(test_obs, cfg.device)
+            fdm.eval()
+            test_mse = idm_fdm_loss(idm, fdm, x)[0].item()
+            copy_mse = F.mse_loss(x[:, 3:6], x[:, 6:]).item()
+        perplexity = idm.vq(la.to(cfg.device))[2].item()  # code usage over the whole probe set
+        out = dict(probe_la=probe_accuracy(la, probe_ta, cfg.probe_steps),
+                   probe_la_q=probe_accuracy(la_q, probe_ta, cfg.probe_steps),
+                   test_fdm_mse=test_mse, test_copy_mse=copy_mse, test_perplexity=perplexity)
+        probe_time += time.time() - t
+        return out
+
+    if state is not None:
+        baseline = state["results"]["baseline"]
+    log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
+    warmup = min(50, cfg.s1_steps // 2)
+    last_save, t0, results = time.time(), time.time(), {}
+    while step < cfg.s1_steps:
+        if step % cfg.probe_every == 0:
+            results = probe()
+            if step == 0:  # the same probe on the untrained IDM
+                baseline["probe_untrained"] = results["probe_la"]
+            log.log(step, force=True, **results, **baseline)
+        idm.train(), fdm.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])
+        obs, _ = train.sample(rng, cfg.s1_batch)
+        with autocast(cfg):
+            fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, to_input(obs, cfg.device))
+        loss = fdm_loss + commitment
+        check_finite(loss, "stage1 loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 2.0)
+        opt.step()
+        step += 1
+        log.log(step, fdm_loss=fdm_loss.item(), commitment=commitment.item(),
+                perplexity=perplexity.item())
+        if time.time() - last_save > cfg.ckpt_every_s or step == cfg.s1_steps:
+            finished = step == cfg.s1_steps
+            if finished:
+                results = probe()
+                log.log(step, force=True, **results, **baseline)
+                results.update(baseline=baseline, minutes=(time.time() - t0) / 60,
+                               probe_share=probe_time / (time.time() - t0), **baseline)
+            save_checkpoint(ckpt_path, idm=idm.state_dict(), fdm=fdm.state_dict(),
+                            opt=opt.state_dict(), step=step, finished=finished,
+                            results=dict(results, baseline=baseline), config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
+          f"vs majority {majority:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
+          f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
+    return results
+
+
+def load_idm(cfg):
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage1.pt", "stage1", cfg)
+    idm = IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
+    idm.load_state_dict(ckpt["idm"])
+    return idm.eval().requires_grad_(False)
+
+
+# --- Stage 2: latent behaviour cloning -----------------------------------------------------
+
+
+def stage2(cfg):
+    """The latent policy pi(o_t) regresses the IDM's continuous latent action for
+    (o_{t-1}, o_t, o_{t+1}) with MSE. The IDM is frozen: its latents are targets only."""
+    ckpt_path = Path(cfg.run_dir) / "stage2.pt"
+    state = resume_state(ckpt_path, "stage2", cfg)
+    if state is not None and state.get("finished"):
+        print(f"{ckpt_path} is finished; delete it to train again")
+        return state["results"]
+    idm = load_idm(cfg)
+    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    rng = seed_everything(cfg.seed)
+    policy = Policy(cfg.policy_scale, cfg.la_dim).to(cfg.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
+    step = 0
+    if state is not None:
+        policy.load_state_dict(state["policy"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+        rng = seed_everything(cfg.seed + step)
+    test_obs, _ = test.sample(np.random.default_rng(cfg.seed), 512)
+    test_x = to_input(test_obs, cfg.device)
+    with torch.no_grad(), autocast(cfg):
+        test_la = idm(test_x)[0].float()
+    # predicting the mean latent is the bar: the policy must beat it
+    results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
+    log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
+    warmup = min(1000, cfg.s2_steps // 2)
+    last_save, t0 = time.time(), time.time()
+    while step < cfg.s2_steps:
+        policy.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0])
+        obs, _ = train.sample(rng, cfg.s2_batch)
+        x = to_input(obs, cfg.device)
+        with torch.no_grad(), autocast(cfg):
+            la = idm(x)[0].float()
+        with autocast(cfg):
+            pred = policy(x[:, 3:6])[0]  # o_t alone
+        loss = F.mse_loss(pred.float(), la)
+        check_finite(loss, "stage2 loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        metrics = dict(loss=loss.item())
+        if step % 100 == 0 or step == cfg.s2_steps:
+            policy.eval()
+            with torch.no_grad(), autocast(cfg):
+                metrics["test_loss"] = F.mse_loss(policy(test_x[:, 3:6])[0].float(), test_la).item()
+        log.log(step, **metrics)
+        if time.time() - last_save > cfg.ckpt_every_s or step == cfg.s2_steps:
+            finished = step == cfg.s2_steps
+            if finished:
+                results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
+            save_checkpoint(ckpt_path, policy=policy.state_dict(), opt=opt.state_dict(),
+                            step=step, finished=finished, results=results,
+                            config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
+          f"(predicting the mean latent: {results['mean_baseline_mse']:.4f})")
+    return results
+
+
+def load_latent_policy(cfg):
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
+    policy = Policy(cfg.policy_scale, cfg.la_dim)
+    policy.load_state_dict(ckpt["policy"])
+    return policy
+
+
+# --- Stage 3, offline: decode with a few labels -------------------------------------------
+
+
+def decode(cfg, labels=None):
+    """Fits a decoder latent action -> true action on `labels` labelled transitions (IDM
+    latents of those transitions), then plays latent policy + decoder in the game."""
+    labels = labels or cfg.labels
+    ckpt = Path(cfg.run_dir) / f"decode-{labels}.pt"
+    if ckpt.exists() and load_checkpoint(ckpt, "decode", cfg).get("finished"):
+        print(f"{ckpt} is finished; delete it to decode again")
+        return load_checkpoint(ckpt, "decode", cfg)["results"]
+    t0 = time.time()
+    idm, latent_policy = load_idm(cfg), load_latent_policy(cfg)
+    train = Dataset(cfg.data, "train")
+    rng = seed_everything(cfg.seed)
+    obs, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
+    la = latent_actions(cfg, idm, obs)[0].to(cfg.device)
+    ta = torch.as_tensor(ta, device=cfg.device)
+    agent = DecodedPolicy(cfg, latent_policy).to(cfg.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(agent.decoder.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(cfg.decode_steps):
+        i = torch.randint(len(la), (min(256, len(la)),), device=cfg.device)
+        loss = F.cross_entropy(agent.decoder(la[i]), ta[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
+    results.update(labels=labels, decoder_train_acc=(agent.decoder(la).argmax(-1) == ta).float().mean().item(),
+                   minutes=(time.time() - t0) / 60)
+    save_checkpoint(ckpt, kind="decoded",
+                    policy=agent.state_dict(), step=cfg.decode_steps, finished=True,
+                    results=results, config=dataclasses.asdict(cfg))
+    print(f"[decode] {labels} labels: return {results['mean']:.2f} +- {results['std']:.2f} "
+          f"(relative {results['relative']:.2f}) over {results['episodes']} episodes")
+    return results
+
+
+# --- Stage 3, online: PPO fine-tuning, RL + SL ----------------------------------------------
+
+
+def finetune(cfg, sl=True):
+    """PPO on the RL+SL policy. The conv trunk stays frozen; PPO tunes the RL head, the value
+    head and the last linear layer, each with a learning rate that ramps up from 0 (the
+    paper's schedule, in frames, stretched by ft_schedule_scale). With SL, the decoder is
+    re-fitted from scratch on (IDM latent, action taken) pairs gathered online between 10k
+    and 400k frames; with --no-sl, PPO trains the decoder too."""
+    stage = "finetune" if sl else "finetune-rl"
+    ckpt = Path(cfg.run_dir) / f"{stage}.pt"
+    state = resume_state(ckpt, "finetune", cfg)
+    if state is not None and state.get("finished"):
+        print(f"{ckpt} is finished; delete it to train again")
+        return state["results"]
+    idm = load_idm(cfg)
+    agent = RLSLPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
+    s, lr = cfg.ft_schedule_scale, cfg.ft_lr
+    groups = [([*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
+               [0, 35e3 * s, 50e3 * s, cfg.ft_frames], [0, 0, lr / 4, 0]),
+              ([*agent.value.parameters()], [0, 25e3 * s, 50e3 * s, cfg.ft_frames], [0, 0, lr / 4, 0]),
+              ([*agent.fc_rl.parameters()], [0, 50e3 * s, 200e3 * s, cfg.ft_frames], [0, 0, lr / 10, 0])]
+    opt = torch.optim.Adam([dict(params=p) for p, _, _ in groups], lr=0.0, eps=1e-5)
+    pairs_la, pairs_ta, updates = [], [], 0
+
+    def on_rollout(obs, actions, dones, frames):
+        """Labels this rollout's transitions with the IDM, then re-fits the decoder."""
+        nonlocal updates
+        updates += 1
+        if not sl or frames > 400e3 * s:
+            return
+        T = len(obs)
+        t = torch.arange(1, T - 1, device=obs.device)
+        windows = torch.stack([obs[t - 1], obs[t], obs[t + 1]], 2)  # (T-2, E, 3, 64, 64, 3)
+        valid = ((dones[t] == 0) & (dones[t + 1] == 0)).flatten().cpu()  # same episode
+        la = latent_actions(cfg, idm, windows.flatten(0, 1)[valid.to(obs.device)])[0]
+        pairs_la.append(la), pairs_ta.append(actions[1:-1].flatten()[valid.to(obs.device)].long().cpu())
+        if frames < 10e3 * s or (frames > 50e3 * s and updates % 20):
+            return
+        x, y = torch.cat(pairs_la).to(cfg.device), torch.cat(pairs_ta).to(cfg.device)
+        for layer in agent.decoder:  # from scratch each time: the policy has moved on
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        dec_opt = torch.optim.Adam(agent.decoder.parameters())
+        with torch.enable_grad():
+            for _ in range(3):
+                for i in torch.randperm(len(x), device=cfg.device).split(512):
+                    loss = F.cross_entropy(agent.decoder(x[i]), y[i], label_smoothing=0.05)
+                    dec_opt.zero_grad()
+                    loss.backward()
+                    dec_opt.step()
+
+    t0 = time.time()
+    ppo(cfg, stage, agent, opt, lambda f: [lr_at(f, p, v) for _, p, v in groups],
+        cfg.ft_frames, cfg.ft_ent, ckpt, on_rollout)
+    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
+    results["minutes"] = (time.time() - t0) / 60
+    state = torch.load(ckpt, weights_only=True)
+    save_checkpoint(ckpt, **state, kind="rlsl", finished=True, results=results)
+    print(f"[{stage}] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
+          f"over {results['episodes']} episodes")
+    return results
+
+
+# --- Evaluation and the whole pipeline ----------------------------------------------------
+
+
+def evaluate_checkpoint(cfg, path, episodes):
+    if path == "random":
+        returns = evaluate(cfg, UniformPolicy(), episodes)
+    else:
+        ckpt = load_checkpoint(path, "expert", cfg)
+        if "kind" not in ckpt:
+            raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
+                            "or finetune.pt")
+        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
+        agent.load_state_dict(ckpt["policy"])
+        returns = evaluate(cfg, agent, episodes)
+    r = return_summary(cfg, returns)
+    print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
+          f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
+    return r
+
+
+def pipeline(cfg):
+    """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
+    Every stage skips itself when its checkpoint is finished, so a re-run resumes."""
+    t = {}
+    for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1),
+                     ("stage2", stage2), ("decode", decode), ("finetune", finetune)]:
+        t0 = time.time()
+        print(f"=== {name} ===", flush=True)
+        t[name] = (fn(cfg), (time.time() - t0) / 60)
+    (ex, ex_t), (_, col_t), (s1, s1_t), (s2, s2_t), (dec, dec_t), (ft, ft_t) = t.values()
+    rnd, exp = RANDOM_RETURN[cfg.env], EXPERT_RETURN[cfg.env]
+    rows = [
+        ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", ex_t),
+        ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", col_t),
+        ("stage1 probe (latent)", f"acc {s1['probe_la']:.3f}",
+         f"majority {s1['majority']:.3f}, frame-diff probe {s1['probe_frame_diff']:.3f}", s1_t),
+        ("stage1 probe (quantised)", f"acc {s1['probe_la_q']:.3f}",
+         f"perplexity {s1['test_perplexity']:.1f}/{cfg.vq_codes}", 0),
+        ("stage1 FDM held-out MSE", f"{s1['test_fdm_mse']:.5f}", f"copy-last-frame {s1['test_copy_mse']:.5f}", 0),
+        ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.4f}", f"mean-latent {s2['mean_baseline_mse']:.4f}", s2_t),
+        (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", dec_t),
+        (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", ft_t),
+    ]
+    lines = [f"LAPO on {cfg.env}, preset {cfg.preset} (returns: random {rnd}, expert {exp}; "
+             f"{cfg.eval_episodes} eval episodes each)",
+             f"{'stage':<34}{'result':<22}{'reference':<48}minutes"]
+    lines += [f"{a:<34}{b:<22}{c:<48}{m:5.1f}" for a, b, c, m in rows]
+    table = "\n".join(lines)
+    (Path(cfg.run_dir) / "results.txt").write_text(table + "\n")
+    print("\n" + table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Command line
+# ----------------------------------------------------------------------------------------
+
+HELP = dict(
+    expert="train a PPO agent from scratch (the data-making expert, and the PPO baseline)",
+    collect="roll out the expert (or --random) into a dataset in the authors' chunk format",
+    stage1="train the latent IDM + FDM (no actions used; a probe reports action accuracy)",
+    stage2="latent behaviour cloning: a policy imitates the IDM's latent actions",
+    decode="offline decoding: fit latent -> action on --labels N frames, play, report return",
+    finetune="online decoding with PPO, RL + SL (paper) or --no-sl (RL only)",
+    eval="play a saved policy (or 'random') for K episodes and report its return",
+    pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
+)
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", choices=list(PRESETS), default="paper",
+                        help="sizes and step counts; other flags override it (default: paper)")
+    for f in dataclasses.fields(Config):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            common.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            common.add_argument(flag, type=typ, default=None,
+                                metavar=f.name.upper().split("_")[0],
+                                help=f"(paper: {f.default!r})" if f.default != "" else None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in HELP.items():
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name == "collect":
+            p.add_argument("--random", action="store_true", help="uniform-random actions")
+            p.add_argument("--policy", help="checkpoint to roll out (default: <run-dir>/expert.pt)")
+        if name == "finetune":
+            p.add_argument("--no-sl", action="store_true", help="RL only: PPO also trains the decoder")
+        if name == "eval":
+            p.add_argument("--policy", required=True, help="a checkpoint that acts, or 'random'")
+            p.add_argument("--episodes", type=int, default=100)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                     if f.name != "preset"}
+        cfg = make_config(args.preset, **overrides)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        if args.command == "expert":
+            run_expert(cfg)
+        elif args.command == "collect":
+            collect(cfg, args.random, args.policy)
+        elif args.command == "stage1":
+            stage1(cfg)
+        elif args.command == "stage2":
+            stage2(cfg)
+        elif args.command == "decode":
+            decode(cfg)
+        elif args.command == "finetune":
+            finetune(cfg, sl=not args.no_sl)
+        elif args.command == "eval":
+            if args.episodes <= 0:
+                raise LapoError("--episodes must be positive")
+            evaluate_checkpoint(cfg, args.policy, args.episodes)
+        elif args.command == "pipeline":
+            pipeline(cfg)
+    except LapoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact: run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
