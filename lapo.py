@@ -57,7 +57,7 @@ class Config:
     device: str = ""  # default: cuda when available, else cpu
     seed: int = 0
     amp: bool = True  # bf16 autocast (CUDA and recent CPUs both run it faster)
-    ckpt_every_s: int = 300  # checkpoint interval in seconds: the most work a crash can cost
+    ckpt_every_s: float = 300  # checkpoint interval in seconds: the most work a crash can cost
     # networks
     idm_scale: float = 4  # IMPALA channels (16, 32, 32) x scale, for the IDM
     policy_scale: float = 4  # ... for the latent policy and the PPO agents
@@ -152,6 +152,9 @@ def check_config(cfg):
     if cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim):
         raise LapoError(f"--la-dim {cfg.la_dim} must be a multiple of "
                         f"--vq-codebooks x --vq-dim = {cfg.vq_codebooks * cfg.vq_dim}")
+    for name in ("gamma", "gae_lambda", "clip", "vq_decay", "vq_beta"):
+        if getattr(cfg, name) > 1:
+            raise LapoError(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
     if (cfg.num_envs * cfg.num_steps) % cfg.minibatches:
         raise LapoError("--num-envs x --num-steps must be divisible by --minibatches")
     if cfg.probe_frames < 32:
@@ -591,6 +594,12 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
+def write_atomic(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path, stage, cfg=None, finished=True):
     """Loads a stage's checkpoint, with one clear line for each way it can be wrong."""
     path = Path(path)
@@ -634,8 +643,17 @@ class Logger:
         self.path = Path(cfg.run_dir) / f"{stage}.jsonl"
         self.stage, self.total, self.unit = stage, total, unit
         self.start, self.t0, self.last_print = start, time.time(), 0.0
-        if start == 0:
-            self.path.unlink(missing_ok=True)
+        # a resumed run drops the rows logged after its checkpoint (they will be redone),
+        # and a row cut short by a crash; a fresh run starts an empty file
+        keep = []
+        if start > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start:
+                        keep.append(line + "\n")
+                except (ValueError, KeyError):
+                    pass
+        write_atomic(self.path, "".join(keep))
 
     def log(self, step, force=False, **metrics):
         metrics = {k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
@@ -817,6 +835,7 @@ def run_expert(cfg):
     if state is not None and state.get("finished"):
         print(f"{ckpt} is finished; delete it to train again")
         return state["results"]
+    seed_everything(cfg.seed)
     agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
     t0 = time.time()
@@ -851,6 +870,8 @@ def collect(cfg, random_policy=False, policy_path=None):
         n_chunks = math.ceil(frames / chunk_len)
         folder = Path(cfg.data) / split
         folder.mkdir(parents=True, exist_ok=True)
+        for tmp in folder.glob("*.tmp.npz"):  # left by a crash mid-write
+            tmp.unlink()
         have = len(chunk_files(folder))
         for f in chunk_files(folder):  # a chunk that does not read is rewritten, not kept
             try:
@@ -1178,6 +1199,7 @@ def finetune(cfg, sl=True):
         print(f"{ckpt} is finished; delete it to train again")
         return state["results"]
     idm = load_idm(cfg)
+    seed_everything(cfg.seed)
     agent = RLSLPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
     s, lr = cfg.ft_schedule_scale, cfg.ft_lr
     groups = [([*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
@@ -1274,7 +1296,7 @@ def pipeline(cfg):
              f"{'stage':<34}{'result':<22}{'reference':<48}minutes"]
     lines += [f"{a:<34}{b:<22}{c:<48}{m:5.1f}" for a, b, c, m in rows]
     table = "\n".join(lines)
-    (Path(cfg.run_dir) / "results.txt").write_text(table + "\n")
+    write_atomic(Path(cfg.run_dir) / "results.txt", table + "\n")
     print("\n" + table)
     return table
 

@@ -1,9 +1,12 @@
 """Behaviour tests for lapo.py. The whole suite runs in a few minutes on 2 CPU cores:
 python -m pytest -q test_lapo.py"""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +311,99 @@ def test_dataset_with_wrong_shapes(tmp_path):
              ep_returns=np.zeros(10), values=np.zeros(10))
     with pytest.raises(lapo.LapoError, match=r"0.npz: obs is uint8 \(10, 32, 32, 3\)"):
         lapo.Dataset(tmp_path, "train")
+
+
+# --- never lose work -------------------------------------------------------------------------
+
+
+def jsonl(path, key, column=None):
+    """column (default: key) of the metric rows that have key"""
+    return [row[column or key] for row in map(json.loads, open(path)) if key in row]
+
+
+def kill_and_resume(args, ckpt, cwd, seed):
+    """Starts a real run, SIGKILLs it at a random moment after its first checkpoint, then runs
+    the same command again to the end."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.Popen([sys.executable, str(HERE / "lapo.py"), *args], cwd=cwd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(np.random.default_rng(seed).uniform(0, 1.0))
+    killed = p.poll() is None
+    p.kill()
+    p.wait()
+    return killed, run(*args, cwd=cwd)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "expert"])
+def test_killed_run_resumes_from_its_checkpoint(pipeline_run, tmp_path, stage):
+    d, _ = pipeline_run
+    args = [stage, "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"),
+            "--s1-steps", "60", "--expert-frames", "4096", "--ckpt-every-s", "0.2"]
+    killed, r = kill_and_resume(args, tmp_path / f"{stage}.pt", tmp_path, seed=len(stage))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not killed or "resuming" in r.stdout
+    ckpt = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["step"] == (60 if stage == "stage1" else 4096)
+    steps = jsonl(tmp_path / f"{stage}.jsonl", "fdm_loss" if stage == "stage1" else "pg_loss", "step")
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no lost or doubled rows
+
+
+def test_killed_collect_resumes_without_duplicating_chunks(tmp_path):
+    args = ["collect", "--random", "--run-dir", str(tmp_path), *SMALL, "--train-frames", "1000",
+            "--test-frames", "16384"]
+    killed, r = kill_and_resume(args, tmp_path / "data" / "test" / "0.npz", tmp_path, seed=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    test = sorted(p.name for p in (tmp_path / "data" / "test").iterdir())
+    assert test == ["0.npz", "1.npz", "2.npz", "3.npz"]
+    for name in test:
+        lapo.read_chunk(tmp_path / "data" / "test" / name)
+    first = np.load(tmp_path / "data" / "test" / "0.npz")["obs"]
+    assert not any(np.array_equal(first, np.load(tmp_path / "data" / "test" / n)["obs"]) for n in test[1:])
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pipeline_run, tmp_path, monkeypatch):
+    d, _ = pipeline_run
+    calls, real = [0], lapo.idm_fdm_loss
+
+    def poisoned(*args):  # the 4th training step's loss turns NaN
+        out = real(*args)
+        calls[0] += torch.is_grad_enabled()
+        return (out[0] * float("nan"), *out[1:]) if calls[0] == 4 else out
+
+    monkeypatch.setattr(lapo, "idm_fdm_loss", poisoned)
+    cfg = small_cfg(run_dir=str(tmp_path), data=str(d / "data"), s1_steps=10, s1_batch=16,
+                    probe_frames=64, probe_steps=5, probe_every=100, ckpt_every_s=1e-9)
+    with pytest.raises(lapo.LapoError, match="stage1 loss became nan"):
+        lapo.stage1(cfg)
+    ckpt = lapo.load_checkpoint(tmp_path / "stage1.pt", "stage1", cfg, finished=False)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["idm"].values())
+
+
+def test_collect_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    monkeypatch.setattr(lapo.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    cfg = small_cfg(run_dir=str(tmp_path), data=str(tmp_path / "data"), train_frames=2048)
+    with pytest.raises(lapo.LapoError, match=r"collect needs 0.02 GiB .* only 0.00 GiB free"):
+        lapo.collect(cfg, random_policy=True)
+    assert not list((tmp_path / "data" / "train").glob("*.npz"))
+
+
+
+
+def test_same_seed_same_numbers(pipeline_run, tmp_path):
+    d, _ = pipeline_run
+    for stage, key in [("stage1", "fdm_loss"), ("stage2", "loss"), ("expert", "pg_loss")]:
+        runs = []
+        for i in range(2):
+            rd = tmp_path / f"{stage}{i}"
+            rd.mkdir()
+            shutil.copy(d / "stage1.pt", rd)  # stage 2's input
+            if stage == "stage1":
+                (rd / "stage1.pt").unlink()
+            r = run(stage, "--run-dir", str(rd), *SMALL, "--data", str(d / "data"),
+                    "--expert-frames", "512", cwd=rd)
+            assert r.returncode == 0, r.stderr[-2000:]
+            runs.append(jsonl(rd / f"{stage}.jsonl", key))
+        assert len(runs[0]) >= 2 and runs[0] == runs[1], (stage, runs)
