@@ -445,9 +445,31 @@ class ResLayer(nn.Module):
         return x + self.block(x)
 
 
-def down_block(c_in, c_out):  # halves the resolution
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
-                         ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
+class TiledLatentConv(nn.Module):
+    """conv3x3(cat[x, la tiled over the image]), without building the tiled tensor. A 3x3
+    conv of a spatially constant map is, at each pixel, the sum of W_tap @ la over the taps
+    that fall inside the image (zero padding drops the others at the border). Same function
+    and parameters as the plain conv; the latent part costs ~la_dim/9 x less (it was most of
+    the FDM's compute)."""
+
+    def __init__(self, c_x, c_la, c_out):
+        super().__init__()
+        self.c_x = c_x
+        self.conv = nn.Conv2d(c_x + c_la, c_out, 3, padding=1)
+
+    def forward(self, x, la):
+        w = self.conv.weight
+        out = F.conv2d(x, w[:, : self.c_x], self.conv.bias, padding=1)
+        H, W = x.shape[2:]
+        inside = F.pad(x.new_ones(1, 1, H, W), (1, 1, 1, 1))
+        taps = inside.unfold(2, H, 1).unfold(3, W, 1)[0, 0]  # (3, 3, H, W): tap (k,l) inside?
+        per_tap = torch.einsum("bc,ockl->bokl", la, w[:, self.c_x :])
+        return out + torch.einsum("bokl,klhw->bohw", per_tap, taps)
+
+
+def down_block(c_in, c_out, conv=True):  # halves the resolution
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1) if conv else nn.Identity(),
+                         nn.BatchNorm2d(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
 
 
 def up_block(c_in, c_out):  # doubles the resolution
@@ -465,8 +487,9 @@ class FDM(nn.Module):
         super().__init__()
         b, la, self.residual = cfg.fdm_width, cfg.la_dim, cfg.fdm_residual
         widths = [b, 2 * b, 4 * b, 8 * b, 16 * b]  # 32, 16, 8, 4, 2 pixels
-        self.down = nn.ModuleList(down_block(c_in, c_out)
-                                  for c_in, c_out in zip([6 + la] + widths[:-1], widths))
+        self.inp = TiledLatentConv(6, la, b)  # = conv3x3 of (o_{t-1}, o_t, la tiled)
+        self.down = nn.ModuleList([down_block(b, b, conv=False)] + [
+            down_block(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:])])
         self.mid = nn.Conv2d(16 * b, 32 * b, 2)  # 2x2 -> 1x1
         self.up = nn.ModuleList([up_block(32 * b + la, 16 * b)] + [
             up_block(2 * c, c_out) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
@@ -475,7 +498,7 @@ class FDM(nn.Module):
 
     def forward(self, x, la):
         """x (B, 6, 64, 64) = (o_{t-1}, o_t); la (B, la_dim) -> o_{t+1} prediction (B, 3, 64, 64)"""
-        h = torch.cat([x, la[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1)
+        h = self.inp(x, la)
         skips = []
         for block in self.down:
             h = block(h)
@@ -1287,7 +1310,7 @@ def pipeline(cfg):
         ("stage1 probe (quantised)", f"acc {s1['probe_la_q']:.3f}",
          f"perplexity {s1['test_perplexity']:.1f}/{cfg.vq_codes}", 0),
         ("stage1 FDM held-out MSE", f"{s1['test_fdm_mse']:.5f}", f"copy-last-frame {s1['test_copy_mse']:.5f}", 0),
-        ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.4f}", f"mean-latent {s2['mean_baseline_mse']:.4f}", s2_t),
+        ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.3g}", f"mean-latent {s2['mean_baseline_mse']:.3g}", s2_t),
         (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", dec_t),
         (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", ft_t),
     ]
@@ -1299,6 +1322,88 @@ def pipeline(cfg):
     write_atomic(Path(cfg.run_dir) / "results.txt", table + "\n")
     print("\n" + table)
     return table
+
+
+def bench(cfg, repeats=5):
+    """Throughput on this device at the cpu and paper sizes: training steps/s of stages 1 and
+    2, PPO frames/s end to end, raw Procgen frames/s, dataset batches/s, peak memory."""
+    import resource
+    import tempfile
+
+    def median_s(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    rng, rows = np.random.default_rng(0), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in ("cpu", "paper"):
+            c = make_config(preset, env=cfg.env, device=cfg.device, amp=cfg.amp, run_dir=tmp,
+                            data=str(Path(tmp) / "data"), ckpt_every_s=1e9)
+            seed_everything(0)
+            idm = IDM(c).to(c.device, memory_format=torch.channels_last)
+            fdm = FDM(c).to(c.device, memory_format=torch.channels_last)
+            policy = Policy(c.policy_scale, c.la_dim).to(c.device, memory_format=torch.channels_last)
+            opt1 = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
+            opt2 = torch.optim.Adam(policy.parameters())
+            obs = rng.integers(0, 256, (c.s1_batch, 3, 64, 64, 3), dtype=np.uint8)
+
+            def stage1_step():  # the same work as one step of stage1()
+                with autocast(c):
+                    fdm_loss, commitment, _ = idm_fdm_loss(idm, fdm, to_input(obs, c.device))
+                opt1.zero_grad(set_to_none=True)
+                (fdm_loss + commitment).backward()
+                opt1.step()
+
+            def stage2_step():  # the same work as one step of stage2()
+                x = to_input(obs, c.device)
+                with torch.no_grad(), autocast(c):
+                    la = idm(x)[0].float()
+                with autocast(c):
+                    loss = F.mse_loss(policy(x[:, 3:6])[0].float(), la)
+                opt2.zero_grad(set_to_none=True)
+                loss.backward()
+                opt2.step()
+
+            s1, s2 = median_s(stage1_step), median_s(stage2_step)
+            agent = Policy(c.policy_scale, NUM_ACTIONS).to(c.device, memory_format=torch.channels_last)
+            frames = 2 * c.num_envs * c.num_steps
+            t = time.perf_counter()
+            ppo(c, "bench", agent, torch.optim.Adam(agent.parameters()), lambda f: [c.expert_lr],
+                frames, c.expert_ent, Path(tmp) / f"ppo-{preset}.pt")
+            ppo_fps = frames / (time.perf_counter() - t)
+            rows.append((preset, s1, s2, ppo_fps, c))
+            print(f"[bench] {preset}: stage1 {s1:.3f} s/step, stage2 {s2:.3f} s/step, "
+                  f"PPO {ppo_fps:.0f} frames/s", flush=True)
+        envs = make_env(cfg.env, 64, 0)
+        envs.reset()
+        env_fps = 64 * 100 / median_s(lambda: [envs.step(rng.integers(15, size=64, dtype=np.int32))
+                                                for _ in range(100)])
+        envs.close()
+        data = Path(tmp) / "data" / "train"
+        data.mkdir(parents=True)
+        n = 4096
+        write_chunk(data / "0.npz", dict(obs=rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+                                         ta=rng.integers(15, size=n), done=np.zeros(n, bool),
+                                         rewards=np.zeros(n), ep_returns=np.zeros(n), values=np.zeros(n)))
+        dataset = Dataset(data.parent, "train")
+        batch_s = median_s(lambda: to_input(dataset.sample(rng, 128)[0], cfg.device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cfg.device.startswith("cuda") else ""
+    print(f"\nbench on {cfg.device} ({torch.get_num_threads()} threads), amp={cfg.amp}")
+    print(f"{'sizes':<7}{'stage1 s/step':>15}{'stage2 s/step':>15}{'PPO frames/s':>14}  network")
+    for preset, s1, s2, fps, c in rows:
+        print(f"{preset:<7}{s1:>15.3f}{s2:>15.3f}{fps:>14.0f}  IDM x{c.idm_scale}, FDM {c.fdm_width}, "
+              f"policy x{c.policy_scale}, batch {c.s1_batch}, PPO {c.num_envs}x{c.num_steps} "
+              f"{c.epochs} epochs x {c.minibatches} minibatches")
+    print(f"Procgen {env_fps:.0f} frames/s; dataset {1 / batch_s:.0f} batches of 128 windows/s; "
+          f"peak memory {peak:.2f} GiB{gpu}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1314,6 +1419,7 @@ HELP = dict(
     finetune="online decoding with PPO, RL + SL (paper) or --no-sl (RL only)",
     eval="play a saved policy (or 'random') for K episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
+    bench="throughput of every stage on this device, at the cpu and paper sizes",
 )
 
 
@@ -1330,8 +1436,8 @@ def build_parser():
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             common.add_argument(flag, type=typ, default=None,
-                                metavar=f.name.upper().split("_")[0],
-                                help=f"(paper: {f.default!r})" if f.default != "" else None)
+                                metavar={int: "N", float: "X"}.get(typ, "VALUE"),
+                                help=f"paper: {f.default!r}; see Config" if f.default != "" else None)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1373,6 +1479,8 @@ def main(argv=None):
             evaluate_checkpoint(cfg, args.policy, args.episodes)
         elif args.command == "pipeline":
             pipeline(cfg)
+        elif args.command == "bench":
+            bench(cfg)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -407,3 +407,10 @@ def test_same_seed_same_numbers(pipeline_run, tmp_path):
             assert r.returncode == 0, r.stderr[-2000:]
             runs.append(jsonl(rd / f"{stage}.jsonl", key))
         assert len(runs[0]) >= 2 and runs[0] == runs[1], (stage, runs)
+
+
+def test_tiled_latent_conv_equals_conv_of_the_tiled_input():
+    conv = lapo.TiledLatentConv(6, 10, 5)
+    x, la = torch.randn(2, 6, 9, 7), torch.randn(2, 10)
+    tiled = torch.cat([x, la[:, :, None, None].expand(-1, -1, 9, 7)], 1)
+    assert torch.allclose(conv(x, la), conv.conv(tiled), atol=1e-5)
