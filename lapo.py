@@ -252,8 +252,8 @@ def chunk_files(folder):
 
 
 def mmap_npz(path, key):
-    """Memory-map one array of an uncompressed .npz: RAM then holds only the pages in use,
-    so datasets larger than RAM train fine. Returns None if the member is compressed."""
+    """Memory-map one array of an uncompressed .npz (None if it is compressed), so that
+    reading a chunk's header does not read its frames."""
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(f"{key}.npy")
     if info.compress_type != zipfile.ZIP_STORED:
@@ -299,7 +299,9 @@ def read_chunk(path):
 
 class Dataset:
     """Transitions (o_{t-1}, o_t, o_{t+1}) from a folder of chunks. Windows never cross a
-    chunk or an episode boundary. Observations are memory-mapped, not loaded."""
+    chunk or an episode boundary. Observations of uncompressed chunks stay on disk: each
+    window is one pread(), so memory does not grow with the dataset (pages of a memory map
+    would count against the process as it touches them; the OS page cache does not)."""
 
     def __init__(self, folder, split):
         files = chunk_files(Path(folder) / split)
@@ -312,11 +314,13 @@ class Dataset:
             done = small["done"].astype(bool)
             t = np.arange(1, len(obs) - 1)
             t = t[~done[t - 1] & ~done[t]]  # no episode ends between t-1 and t+1
+            if isinstance(obs, np.memmap):
+                obs = (os.open(path, os.O_RDONLY), obs.offset)
             self.obs.append(obs)
             self.ta.append(small["ta"].astype(np.int64))
             index.append(np.stack([np.full_like(t, i), t], 1))
         self.index = np.concatenate(index)
-        self.frames = sum(len(o) for o in self.obs)
+        self.frames = sum(len(d) for d in self.ta)
         if len(self.index) == 0:
             raise LapoError(f"{Path(folder) / split}: no complete transitions in the dataset")
 
@@ -325,9 +329,16 @@ class Dataset:
 
     def get(self, idx):
         """windows (B, 3, 64, 64, 3) uint8 and the true action taken at o_t, (B,)"""
-        obs = np.stack([self.obs[c][t - 1 : t + 2] for c, t in self.index[idx]])
+        obs = np.stack([self.window(c, t) for c, t in self.index[idx]])
         ta = np.array([self.ta[c][t] for c, t in self.index[idx]])
         return obs, ta
+
+    def window(self, c, t):
+        if isinstance(self.obs[c], np.ndarray):  # a compressed chunk, loaded in RAM
+            return self.obs[c][t - 1 : t + 2]
+        fd, offset = self.obs[c]
+        data = os.pread(fd, 3 * FRAME_BYTES, offset + (t - 1) * FRAME_BYTES)
+        return np.frombuffer(data, np.uint8).reshape(3, 64, 64, 3)
 
     def sample(self, rng, batch):
         return self.get(rng.integers(len(self), size=batch))
@@ -605,8 +616,8 @@ class LapoError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
-STAGE_COMMAND = dict(expert="expert", data="collect", stage1="stage1", stage2="stage2",
-                     decode="decode", finetune="finetune")
+STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="decode",
+                     finetune="finetune")  # checkpoint name -> the command that makes it
 
 
 def save_checkpoint(path, **state):
@@ -923,7 +934,7 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     episode = [{k: [] for k in CHUNK_KEYS} for _ in range(E)]
     pending = {k: [] for k in CHUNK_KEYS}  # finished episodes not yet written
     chunk, ep_ret = first, np.zeros(E)
-    log = Logger(cfg, "collect", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
+    log = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
     while chunk < n_chunks:
         if agent is None:
             action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
@@ -1278,7 +1289,8 @@ def evaluate_checkpoint(cfg, path, episodes):
     if path == "random":
         returns = evaluate(cfg, UniformPolicy(), episodes)
     else:
-        ckpt = load_checkpoint(path, "expert", cfg)
+        stage = Path(path).stem.split("-")[0]
+        ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
         if "kind" not in ckpt:
             raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
                             "or finetune.pt")
@@ -1345,7 +1357,8 @@ def bench(cfg, repeats=5):
     with tempfile.TemporaryDirectory() as tmp:
         for preset in ("cpu", "paper"):
             c = make_config(preset, env=cfg.env, device=cfg.device, amp=cfg.amp, run_dir=tmp,
-                            data=str(Path(tmp) / "data"), ckpt_every_s=1e9)
+                            data=str(Path(tmp) / "data"), ckpt_every_s=1e9, num_envs=64,
+                            num_steps=64, epochs=3, minibatches=8)  # PPO as in the paper
             seed_everything(0)
             idm = IDM(c).to(c.device, memory_format=torch.channels_last)
             fdm = FDM(c).to(c.device, memory_format=torch.channels_last)
