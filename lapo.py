@@ -120,10 +120,10 @@ PRESETS = {
     # the whole pipeline in minutes: a smoke test whose output is still worth reading
     "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
                  num_envs=32,
-                 num_steps=32, minibatches=2, epochs=2, expert_frames=40_960,
-                 train_frames=32_768, test_frames=8_192, s1_steps=300, s1_lr=1e-3,
-                 probe_every=150, probe_frames=4_096, probe_steps=150, s2_steps=300,
-                 s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=32_768,
+                 num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
+                 train_frames=32_768, test_frames=8_192, s1_steps=1_000, s1_lr=1e-3,
+                 probe_every=250, probe_frames=4_096, probe_steps=150, s2_steps=500,
+                 s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=65_536,
                  ft_schedule_scale=0.05, ckpt_every_s=60),
 }
 # fields a checkpoint's network must agree on with the flags that load it
@@ -1035,10 +1035,13 @@ def stage1(cfg):
     probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
     probe_obs, probe_ta = test.get(probe_idx)
     probe_ta = torch.as_tensor(probe_ta)
-    majority = torch.bincount(probe_ta, minlength=NUM_ACTIONS).max().item() / len(probe_ta)
-    diff = (torch.as_tensor(probe_obs[:, 2, ::2, ::2]).float()
-            - torch.as_tensor(probe_obs[:, 1, ::2, ::2]).float()).flatten(1) / 255
-    baseline = dict(majority=majority, probe_frame_diff=probe_accuracy(diff, probe_ta, cfg.probe_steps))
+    if state is None:
+        majority = torch.bincount(probe_ta, minlength=NUM_ACTIONS).max().item() / len(probe_ta)
+        diff = (torch.as_tensor(probe_obs[:, 2, ::2, ::2]).float()
+                - torch.as_tensor(probe_obs[:, 1, ::2, ::2]).float()).flatten(1) / 255
+        baseline = dict(majority=majority, probe_frame_diff=probe_accuracy(diff, probe_ta, cfg.probe_steps))
+    else:
+        baseline = state["results"]["baseline"]
     probe_time = 0.0
 
     def probe():
@@ -1058,8 +1061,6 @@ def stage1(cfg):
         probe_time += time.time() - t
         return out
 
-    if state is not None:
-        baseline = state["results"]["baseline"]
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
     warmup = min(50, cfg.s1_steps // 2)
     last_save, t0, results = time.time(), time.time(), {}
@@ -1096,7 +1097,7 @@ def stage1(cfg):
                             results=dict(results, baseline=baseline), config=dataclasses.asdict(cfg))
             last_save = time.time()
     print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
-          f"vs majority {majority:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
+          f"vs majority {baseline['majority']:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
           f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
     return results
 
