@@ -39,8 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_reduce  # differentiable
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------
 # 1. Configuration
@@ -340,8 +343,9 @@ class Dataset:
         data = os.pread(fd, 3 * FRAME_BYTES, offset + (t - 1) * FRAME_BYTES)
         return np.frombuffer(data, np.uint8).reshape(3, 64, 64, 3)
 
-    def sample(self, rng, batch):
-        return self.get(rng.integers(len(self), size=batch))
+    def sample(self, rng, batch, rank=0, world=1):
+        """A random batch; under torchrun every rank draws the same one and keeps its share."""
+        return self.get(rng.integers(len(self), size=batch)[rank::world])
 
 
 # ----------------------------------------------------------------------------------------
@@ -400,18 +404,23 @@ class VectorQuantizerEMA(nn.Module):
         G, K, D = self.codebook.shape
         B = z.shape[0]
         x = z.float().view(B, G, -1, D).transpose(0, 1).reshape(G, -1, D)  # (G, B*P, D)
-        dist = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
+        distance = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
                 + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
-        idx = dist.argmin(-1)
+        idx = distance.argmin(-1)
         q = torch.gather(self.codebook, 1, idx.unsqueeze(-1).expand(-1, -1, D))
         onehot = F.one_hot(idx, K).float()
         if self.training:
             with torch.no_grad():
-                self.ema_count.mul_(self.decay).add_(onehot.sum(1), alpha=1 - self.decay)
-                self.ema_sum.mul_(self.decay).add_(onehot.transpose(1, 2) @ x, alpha=1 - self.decay)
+                count, total = onehot.sum(1), onehot.transpose(1, 2) @ x
+                if dist.is_initialized():  # under torchrun: the statistics of the global batch,
+                    dist.all_reduce(count)  # so every rank makes the same update, the one a
+                    dist.all_reduce(total)  # single process would make
+                self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+                self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
                 if self.reset_after:  # codebook collapse: a code nobody picks never moves again,
                     # so one idle for reset_after steps restarts at a random vector of this batch
-                    used = onehot.sum(1) > 0
+                    # (under torchrun each rank draws its own; DDP then broadcasts rank 0's buffers)
+                    used = count > 0
                     self.idle_steps.add_(1).mul_(~used)
                     dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
                     sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
@@ -478,13 +487,33 @@ class TiledLatentConv(nn.Module):
         return out + torch.einsum("bokl,klhw->bohw", per_tap, taps)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span all ranks under torchrun, so N processes train
+    exactly as one with the global batch (nn.SyncBatchNorm does this on GPUs only)."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        world = dist.get_world_size()
+        moments = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
+        mean, mean_sq = all_reduce(moments, "sum", dist.group.WORLD) / world
+        var = mean_sq - mean.pow(2)
+        with torch.no_grad():
+            n = x.numel() / x.shape[1] * world
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
 def down_block(c_in, c_out, conv=True):  # halves the resolution
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1) if conv else nn.Identity(),
-                         nn.BatchNorm2d(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
+                         BatchNorm2d(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
 
 
 def up_block(c_in, c_out):  # doubles the resolution
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), nn.BatchNorm2d(c_out),
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), BatchNorm2d(c_out),
                          ResLayer(c_out), nn.ReLU())
 
 
@@ -524,18 +553,18 @@ class FDM(nn.Module):
 
 
 class Policy(nn.Module):
-    """IMPALA-CNN policy from o_t. out = 15 action logits (PPO agents) or a latent action
-    (the latent policy of stage 2). The value head serves PPO."""
+    """IMPALA-CNN policy from o_t. out = 15 action logits and a value (PPO agents), or a
+    latent action and no value (the latent policy of stage 2)."""
 
-    def __init__(self, scale, out_dim):
+    def __init__(self, scale, out_dim, value=True):
         super().__init__()
         self.cnn = ImpalaCNN(3, scale)
         self.head = nn.Linear(256, out_dim)
-        self.value = nn.Linear(256, 1)
+        self.value = nn.Linear(256, 1) if value else None
 
     def forward(self, x):
         h = self.cnn(x)
-        return self.head(h), self.value(h).squeeze(-1)
+        return self.head(h), None if self.value is None else self.value(h).squeeze(-1)
 
 
 def mlp(*sizes):
@@ -550,7 +579,7 @@ class DecodedPolicy(nn.Module):
 
     def __init__(self, cfg, latent_policy=None):
         super().__init__()
-        self.latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim)
+        self.latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.decoder = mlp(cfg.la_dim, 128, 128, NUM_ACTIONS)
 
     def forward(self, x):
@@ -576,7 +605,7 @@ class RLSLPolicy(nn.Module):
 
     def __init__(self, cfg, latent_policy=None):
         super().__init__()
-        latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim)
+        latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.conv = latent_policy.cnn.conv
         self.fc_rl = latent_policy.cnn.fc
         self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
@@ -620,9 +649,37 @@ STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="
                      finetune="finetune")  # checkpoint name -> the command that makes it
 
 
+def rank_world():
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_distributed(cfg):
+    """Under torchrun: join the process group, NCCL on CUDA and gloo on CPU; one GPU a rank."""
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank, world = rank_world()
+    if cfg.s1_batch % world or cfg.s2_batch % world:
+        raise LapoError(f"--s1-batch and --s2-batch must be divisible by the {world} processes")
+
+
+def global_mean(x):
+    """The mean of a per-rank scalar over all ranks (what one process would have logged)."""
+    if dist.is_initialized():
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
 def save_checkpoint(path, **state):
     """Plain dict of state_dicts, numbers and the config as a dict: loads anywhere with
-    torch.load(weights_only=True). Temporary name + rename: never a half-written file."""
+    torch.load(weights_only=True). Temporary name + rename: never a half-written file.
+    Under torchrun only rank 0 writes."""
+    if rank_world()[0] != 0:
+        return
     tmp = Path(f"{path}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -677,6 +734,9 @@ class Logger:
         self.path = Path(cfg.run_dir) / f"{stage}.jsonl"
         self.stage, self.total, self.unit = stage, total, unit
         self.start, self.t0, self.last_print = start, time.time(), 0.0
+        self.silent = rank_world()[0] != 0  # under torchrun, rank 0 alone logs
+        if self.silent:
+            return
         # a resumed run drops the rows logged after its checkpoint (they will be redone),
         # and a row cut short by a crash; a fresh run starts an empty file
         keep = []
@@ -690,6 +750,8 @@ class Logger:
         write_atomic(self.path, "".join(keep))
 
     def log(self, step, force=False, **metrics):
+        if self.silent:
+            return
         metrics = {k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
         row = dict(step=int(step), time=round(time.time() - self.t0, 2), **metrics)
         with open(self.path, "a") as f:
@@ -776,9 +838,9 @@ def ppo(cfg, stage, agent, opt, lr_fn, frames, ent_coef, ckpt, on_rollout=None):
             dones[t] = next_done
             with torch.no_grad(), autocast(cfg):
                 logits, value = agent(to_input(obs_buf[t], dev))
-            dist = torch.distributions.Categorical(logits=logits.float())
-            action = dist.sample()
-            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value.float()
+            pi = torch.distributions.Categorical(logits=logits.float())
+            action = pi.sample()
+            actions[t], logprobs[t], values[t] = action, pi.log_prob(action), value.float()
             next_obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
             next_obs = next_obs["rgb"]
             ep_ret, ep_len = ep_ret + reward, ep_len + 1
@@ -804,14 +866,14 @@ def ppo(cfg, stage, agent, opt, lr_fn, frames, ent_coef, ckpt, on_rollout=None):
             for idx in torch.randperm(T * E, device=dev).split(mb):
                 with autocast(cfg):
                     logits, value = agent(to_input(b_obs[idx], dev))
-                dist = torch.distributions.Categorical(logits=logits.float())
-                ratio = (dist.log_prob(b_act[idx]) - b_logp[idx]).exp()
+                pi = torch.distributions.Categorical(logits=logits.float())
+                ratio = (pi.log_prob(b_act[idx]) - b_logp[idx]).exp()
                 a = (b_adv[idx] - b_adv[idx].mean()) / (b_adv[idx].std() + 1e-8)
                 pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
                 value = value.float()  # clipped value loss, as in the paper's PPO
                 v_clipped = b_val[idx] + (value - b_val[idx]).clamp(-cfg.clip, cfg.clip)
                 v_loss = 0.5 * torch.max((value - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
-                entropy = dist.entropy().mean()
+                entropy = pi.entropy().mean()
                 loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * entropy
                 check_finite(loss, f"{stage} PPO loss")
                 opt.zero_grad(set_to_none=True)
@@ -1029,6 +1091,8 @@ def stage1(cfg):
         opt.load_state_dict(state["opt"])
         step = state["step"]
         rng = seed_everything(cfg.seed + step)
+    rank, world = rank_world()
+    idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
 
     # The probe's data: fixed held-out windows. Its bars: the majority class, and the same
     # probe on the raw frame difference o_{t+1} - o_t (what a latent must beat to be useful).
@@ -1073,11 +1137,12 @@ def stage1(cfg):
         idm.train(), fdm.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])
-        obs, _ = train.sample(rng, cfg.s1_batch)
+        obs, _ = train.sample(rng, cfg.s1_batch, rank, world)
         with autocast(cfg):
-            fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, to_input(obs, cfg.device))
+            fdm_loss, commitment, perplexity = idm_fdm_loss(idm_ddp, fdm_ddp, to_input(obs, cfg.device))
         loss = fdm_loss + commitment
-        check_finite(loss, "stage1 loss")
+        fdm_loss = global_mean(fdm_loss)
+        check_finite(global_mean(loss), "stage1 loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 2.0)
@@ -1096,9 +1161,10 @@ def stage1(cfg):
                             opt=opt.state_dict(), step=step, finished=finished,
                             results=dict(results, baseline=baseline), config=dataclasses.asdict(cfg))
             last_save = time.time()
-    print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
-          f"vs majority {baseline['majority']:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
-          f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
+    if rank == 0:
+        print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
+              f"vs majority {baseline['majority']:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
+              f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
     return results
 
 
@@ -1123,13 +1189,15 @@ def stage2(cfg):
     idm = load_idm(cfg)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
     rng = seed_everything(cfg.seed)
-    policy = Policy(cfg.policy_scale, cfg.la_dim).to(cfg.device, memory_format=torch.channels_last)
+    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
     step = 0
     if state is not None:
         policy.load_state_dict(state["policy"]), opt.load_state_dict(state["opt"])
         step = state["step"]
         rng = seed_everything(cfg.seed + step)
+    rank, world = rank_world()
+    policy_ddp = DDP(policy) if world > 1 else policy
     test_obs, _ = test.sample(np.random.default_rng(cfg.seed), 512)
     test_x = to_input(test_obs, cfg.device)
     with torch.no_grad(), autocast(cfg):
@@ -1143,19 +1211,19 @@ def stage2(cfg):
         policy.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0])
-        obs, _ = train.sample(rng, cfg.s2_batch)
+        obs, _ = train.sample(rng, cfg.s2_batch, rank, world)
         x = to_input(obs, cfg.device)
         with torch.no_grad(), autocast(cfg):
             la = idm(x)[0].float()
         with autocast(cfg):
-            pred = policy(x[:, 3:6])[0]  # o_t alone
+            pred = policy_ddp(x[:, 3:6])[0]  # o_t alone
         loss = F.mse_loss(pred.float(), la)
-        check_finite(loss, "stage2 loss")
+        check_finite(global_mean(loss), "stage2 loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        metrics = dict(loss=loss.item())
+        metrics = dict(loss=global_mean(loss).item())
         if step % 100 == 0 or step == cfg.s2_steps:
             policy.eval()
             with torch.no_grad(), autocast(cfg):
@@ -1169,14 +1237,15 @@ def stage2(cfg):
                             step=step, finished=finished, results=results,
                             config=dataclasses.asdict(cfg))
             last_save = time.time()
-    print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
-          f"(predicting the mean latent: {results['mean_baseline_mse']:.4f})")
+    if rank == 0:
+        print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
+              f"(predicting the mean latent: {results['mean_baseline_mse']:.4f})")
     return results
 
 
 def load_latent_policy(cfg):
     ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
-    policy = Policy(cfg.policy_scale, cfg.la_dim)
+    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
     policy.load_state_dict(ckpt["policy"])
     return policy
 
@@ -1363,7 +1432,7 @@ def bench(cfg, repeats=5):
             seed_everything(0)
             idm = IDM(c).to(c.device, memory_format=torch.channels_last)
             fdm = FDM(c).to(c.device, memory_format=torch.channels_last)
-            policy = Policy(c.policy_scale, c.la_dim).to(c.device, memory_format=torch.channels_last)
+            policy = Policy(c.policy_scale, c.la_dim, value=False).to(c.device, memory_format=torch.channels_last)
             opt1 = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
             opt2 = torch.optim.Adam(policy.parameters())
             obs = rng.integers(0, 256, (c.s1_batch, 3, 64, 64, 3), dtype=np.uint8)
@@ -1474,6 +1543,10 @@ def main(argv=None):
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                      if f.name != "preset"}
         cfg = make_config(args.preset, **overrides)
+        if "RANK" in os.environ:  # launched by torchrun
+            if args.command not in ("stage1", "stage2"):
+                raise LapoError("only stage1 and stage2 run under torchrun; run the others with python")
+            setup_distributed(cfg)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if args.command == "expert":
             run_expert(cfg)
@@ -1502,6 +1575,9 @@ def main(argv=None):
         print("interrupted; the last checkpoint is intact: run the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -414,3 +414,30 @@ def test_tiled_latent_conv_equals_conv_of_the_tiled_input():
     x, la = torch.randn(2, 6, 9, 7), torch.randn(2, 10)
     tiled = torch.cat([x, la[:, :, None, None].expand(-1, -1, 9, 7)], 1)
     assert torch.allclose(conv(x, la), conv.conv(tiled), atol=1e-5)
+
+
+# --- torchrun: 2 processes train as 1 ------------------------------------------------------
+
+
+def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path):
+    """gloo on CPU; BatchNorm and the EMA codebook use the global batch's statistics, so the
+    losses match up to float rounding (dead-code resets draw per rank, so they are off)."""
+    d, _ = pipeline_run
+    args = [*SMALL, "--data", str(d / "data"), "--no-amp", "--vq-reset-after", "0",
+            "--s1-steps", "5", "--s2-steps", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    losses = {}
+    for n in (1, 2):
+        rd = tmp_path / f"procs{n}"
+        for stage in ("stage1", "stage2"):
+            if n == 2 and stage == "stage2":  # the same IDM for both, to compare stage 2 alone
+                shutil.copy(tmp_path / "procs1" / "stage1.pt", rd / "stage1.pt")
+            launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if n == 2 else []
+            r = subprocess.run([sys.executable, *launch, str(HERE / "lapo.py"), stage, "--run-dir", str(rd),
+                                *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+        losses[n] = jsonl(rd / "stage1.jsonl", "fdm_loss"), jsonl(rd / "stage2.jsonl", "loss")
+    assert len(losses[1][0]) == 5 and np.allclose(losses[1][0], losses[2][0], rtol=1e-3)
+    assert len(losses[1][1]) == 5 and np.allclose(losses[1][1], losses[2][1], rtol=1e-4)
+    lines = [(tmp_path / f"procs{n}" / "stage1.jsonl").read_text().count("\n") for n in (1, 2)]
+    assert lines[0] == lines[1]  # rank 0 alone logs
