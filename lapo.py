@@ -627,7 +627,7 @@ class RLSLPolicy(nn.Module):
 
 def make_policy(kind, cfg):
     """Rebuilds a saved acting policy from its kind: every checkpoint that can act says which."""
-    if kind == "ppo":
+    if kind == "policy":
         return Policy(cfg.policy_scale, NUM_ACTIONS)
     if kind == "decoded":
         return DecodedPolicy(cfg)
@@ -940,7 +940,7 @@ def run_expert(cfg):
     results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
     results["minutes"] = (time.time() - t0) / 60
     state = torch.load(ckpt, weights_only=True)
-    save_checkpoint(ckpt, **state, kind="ppo", finished=True, results=results)
+    save_checkpoint(ckpt, **state, kind="policy", finished=True, results=results)
     print(f"[expert] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
           f"over {results['episodes']} episodes")
     return results
@@ -1253,36 +1253,45 @@ def load_latent_policy(cfg):
 # --- Stage 3, offline: decode with a few labels -------------------------------------------
 
 
-def decode(cfg, labels=None):
+def decode(cfg, labels=None, bc=False):
     """Fits a decoder latent action -> true action on `labels` labelled transitions (IDM
-    latents of those transitions), then plays latent policy + decoder in the game."""
+    latents of those transitions), then plays latent policy + decoder in the game.
+    bc=True is the baseline: a policy of the same architecture trained from scratch by
+    behaviour cloning on the same labelled frames."""
     labels = labels or cfg.labels
-    ckpt = Path(cfg.run_dir) / f"decode-{labels}.pt"
+    ckpt = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}.pt"
     if ckpt.exists() and load_checkpoint(ckpt, "decode", cfg).get("finished"):
         print(f"{ckpt} is finished; delete it to decode again")
         return load_checkpoint(ckpt, "decode", cfg)["results"]
     t0 = time.time()
-    idm, latent_policy = load_idm(cfg), load_latent_policy(cfg)
     train = Dataset(cfg.data, "train")
     rng = seed_everything(cfg.seed)
     obs, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
-    la = latent_actions(cfg, idm, obs)[0].to(cfg.device)
     ta = torch.as_tensor(ta, device=cfg.device)
-    agent = DecodedPolicy(cfg, latent_policy).to(cfg.device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(agent.decoder.parameters(), lr=1e-3, weight_decay=1e-4)
+    if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
+        agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+        x, fit, kind = to_input(obs[:, 1], cfg.device), agent, "policy"
+        predict = lambda x: agent(x)[0]  # noqa: E731
+    else:  # latent action -> a_t: the rest was learnt without labels
+        agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
+        x, fit, kind = latent_actions(cfg, load_idm(cfg), obs)[0].to(cfg.device), agent.decoder, "decoded"
+        predict = agent.decoder
+    opt = torch.optim.Adam(fit.parameters(), lr=1e-3, weight_decay=1e-4)
+    agent.train()
     for _ in range(cfg.decode_steps):
-        i = torch.randint(len(la), (min(256, len(la)),), device=cfg.device)
-        loss = F.cross_entropy(agent.decoder(la[i]), ta[i])
+        i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
+        with autocast(cfg):
+            loss = F.cross_entropy(predict(x[i]).float(), ta[i])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    with torch.no_grad(), autocast(cfg):
+        train_acc = (predict(x).argmax(-1) == ta).float().mean().item()
     results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
-    results.update(labels=labels, decoder_train_acc=(agent.decoder(la).argmax(-1) == ta).float().mean().item(),
-                   minutes=(time.time() - t0) / 60)
-    save_checkpoint(ckpt, kind="decoded",
-                    policy=agent.state_dict(), step=cfg.decode_steps, finished=True,
-                    results=results, config=dataclasses.asdict(cfg))
-    print(f"[decode] {labels} labels: return {results['mean']:.2f} +- {results['std']:.2f} "
+    results.update(labels=labels, train_acc=train_acc, minutes=(time.time() - t0) / 60)
+    save_checkpoint(ckpt, kind=kind, policy=agent.state_dict(), step=cfg.decode_steps,
+                    finished=True, results=results, config=dataclasses.asdict(cfg))
+    print(f"[{ckpt.stem}] return {results['mean']:.2f} +- {results['std']:.2f} "
           f"(relative {results['relative']:.2f}) over {results['episodes']} episodes")
     return results
 
@@ -1359,7 +1368,7 @@ def evaluate_checkpoint(cfg, path, episodes):
     if path == "random":
         returns = evaluate(cfg, UniformPolicy(), episodes)
     else:
-        stage = Path(path).stem.split("-")[0]
+        stage = Path(path).stem.split("-")[0].replace("bc", "decode")
         ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
         if "kind" not in ckpt:
             raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
@@ -1529,6 +1538,9 @@ def build_parser():
         if name == "collect":
             p.add_argument("--random", action="store_true", help="uniform-random actions")
             p.add_argument("--policy", help="checkpoint to roll out (default: <run-dir>/expert.pt)")
+        if name == "decode":
+            p.add_argument("--bc", action="store_true",
+                           help="the baseline: behaviour cloning from scratch on the same labels")
         if name == "finetune":
             p.add_argument("--no-sl", action="store_true", help="RL only: PPO also trains the decoder")
         if name == "eval":
@@ -1557,7 +1569,7 @@ def main(argv=None):
         elif args.command == "stage2":
             stage2(cfg)
         elif args.command == "decode":
-            decode(cfg)
+            decode(cfg, bc=args.bc)
         elif args.command == "finetune":
             finetune(cfg, sl=not args.no_sl)
         elif args.command == "eval":
