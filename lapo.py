@@ -1415,6 +1415,101 @@ def pipeline(cfg):
     return table
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def plot(cfg):
+    """PNGs of a run in <run_dir>/plots: the three claims' curves, FDM predictions next to the
+    true next frames, and a 2-D projection (PCA) of latent actions coloured by true action."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LapoError("plot needs matplotlib: pip install matplotlib") from None
+    run, out = Path(cfg.run_dir), Path(cfg.run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        made.append(str(out / name))
+
+    rows = [r for r in read_jsonl(run / "stage1.jsonl") if "probe_la" in r]
+    if rows:  # claim 1
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
+        ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent")
+        for key, style in [("majority", ":"), ("probe_frame_diff", "--"), ("probe_untrained", "-.")]:
+            ax.axhline(rows[-1][key], color="gray", ls=style, label=key.replace("probe_", ""))
+        ax.set(xlabel="stage-1 step", ylabel="held-out action accuracy of the probe",
+               title=f"Claim 1: latent actions carry the true action ({cfg.env})")
+        ax.legend()
+        save(fig, "claim1_probe.png")
+    ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc")})
+    if ns:  # claim 2
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in ("decode", "bc"):
+            pts = [(n, torch.load(run / f"{name}-{n}.pt", weights_only=True)["results"]["relative"])
+                   for n in ns if (run / f"{name}-{n}.pt").exists()]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label="LAPO + decoder" if name == "decode" else "BC from scratch")
+        ax.set(xscale="log", xlabel="labelled frames", ylabel="relative return",
+               title=f"Claim 2: offline decoding ({cfg.env})")
+        ax.legend()
+        save(fig, "claim2_offline.png")
+    curves = {name: [r for r in read_jsonl(run / f"{name}.jsonl") if "episode_return" in r]
+              for name in ("finetune", "finetune-rl", "expert")}
+    if any(curves.values()):  # claim 3
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, eps in curves.items():
+            if eps:
+                c = np.cumsum([0] + [e["episode_return"] for e in eps])
+                k = np.arange(1, len(eps) + 1)
+                ret = (c[k] - c[np.maximum(k - 100, 0)]) / np.minimum(k, 100)  # last <= 100 episodes
+                frames = [e["step"] for e in eps]
+                label = {"finetune": "LAPO RL+SL", "finetune-rl": "LAPO RL only", "expert": "PPO from scratch"}[name]
+                ax.plot(frames, relative_return(cfg.env, ret), label=label)
+        ax.set(xlabel="environment frames", ylabel="relative return (mean of 100 episodes)",
+               title=f"Claim 3: online fine-tuning ({cfg.env})")
+        ax.legend()
+        save(fig, "claim3_online.png")
+    if (run / "stage1.pt").exists():  # what the FDM predicts, and what the latents encode
+        idm = load_idm(cfg)
+        ckpt = load_checkpoint(run / "stage1.pt", "stage1", cfg)
+        fdm = FDM(cfg).to(cfg.device, memory_format=torch.channels_last).eval()
+        fdm.load_state_dict(ckpt["fdm"])
+        test = Dataset(cfg.data, "test")
+        obs, ta = test.get(np.linspace(0, len(test) - 1, 2048).astype(int))
+        with torch.no_grad():
+            x = to_input(obs[:6], cfg.device)
+            pred = (fdm(x[:, :6], idm(x)[1]).float().clamp(-0.5, 0.5) + 0.5).permute(0, 2, 3, 1).cpu()
+        fig, axes = plt.subplots(3, 6, figsize=(12, 6.5))
+        for j in range(6):
+            for i, (img, title) in enumerate([(obs[j, 1], "o_t"), (obs[j, 2], "true o_t+1"),
+                                              (pred[j].numpy(), "FDM o_t+1")]):
+                axes[i, j].imshow(img)
+                axes[i, j].set_title(title, fontsize=8)
+                axes[i, j].axis("off")
+        save(fig, "fdm_predictions.png")
+        la = latent_actions(cfg, idm, obs)[0]
+        la = la - la.mean(0)
+        xy = la @ torch.linalg.svd(la, full_matrices=False)[2][:2].T  # PCA
+        fig, ax = plt.subplots(figsize=(6, 5))
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=ta, cmap="tab20", s=6, vmin=0, vmax=NUM_ACTIONS - 1)
+        fig.colorbar(sc, label="true action (never seen by the IDM)")
+        ax.set(title=f"Latent actions of held-out transitions, PCA ({cfg.env})")
+        save(fig, "latent_pca.png")
+    if not made:
+        raise LapoError(f"nothing to plot in {run}: run the stages first")
+    print("\n".join(f"[plot] {p}" for p in made))
+
+
 def bench(cfg, repeats=5):
     """Throughput on this device at the cpu and paper sizes: training steps/s of stages 1 and
     2, PPO frames/s end to end, raw Procgen frames/s, dataset batches/s, peak memory."""
@@ -1512,6 +1607,7 @@ HELP = dict(
     eval="play a saved policy (or 'random') for K episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
     bench="throughput of every stage on this device, at the cpu and paper sizes",
+    plot="PNGs of a run: the three claims' curves, FDM predictions, latent actions (PCA)",
 )
 
 
@@ -1580,6 +1676,8 @@ def main(argv=None):
             pipeline(cfg)
         elif args.command == "bench":
             bench(cfg)
+        elif args.command == "plot":
+            plot(cfg)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -443,3 +443,12 @@ def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path
     assert len(losses[1][1]) == 5 and np.allclose(losses[1][1], losses[2][1], rtol=1e-4)
     lines = [(tmp_path / f"procs{n}" / "stage1.jsonl").read_text().count("\n") for n in (1, 2)]
     assert lines[0] == lines[1]  # rank 0 alone logs
+
+
+def test_plot_makes_the_pngs(pipeline_run):
+    pytest.importorskip("matplotlib")
+    d, _ = pipeline_run
+    r = run("plot", "--run-dir", str(d), *SMALL, cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ["claim1_probe", "claim2_offline", "fdm_predictions", "latent_pca"]:  # no episode ends in 256 frames
+        assert (d / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
