@@ -721,6 +721,7 @@ def resume_state(path, stage, cfg):
         return None
     ckpt = load_checkpoint(path, stage, cfg, finished=False)
     if ckpt.get("finished"):
+        print(f"{path} is finished; delete it to run this stage again")
         return ckpt
     print(f"resuming {path} from step {ckpt['step']}")
     return ckpt
@@ -929,7 +930,6 @@ def run_expert(cfg):
     ckpt = Path(cfg.run_dir) / "expert.pt"
     state = resume_state(ckpt, "expert", cfg)
     if state is not None and state.get("finished"):
-        print(f"{ckpt} is finished; delete it to train again")
         return state["results"]
     seed_everything(cfg.seed)
     agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
@@ -1075,7 +1075,6 @@ def stage1(cfg):
     ckpt_path = Path(cfg.run_dir) / "stage1.pt"
     state = resume_state(ckpt_path, "stage1", cfg)
     if state is not None and state.get("finished"):
-        print(f"{ckpt_path} is finished; delete it to train again")
         return state["results"]
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
     print(f"[stage1] {train.frames} train frames ({len(train)} transitions), "
@@ -1184,7 +1183,6 @@ def stage2(cfg):
     ckpt_path = Path(cfg.run_dir) / "stage2.pt"
     state = resume_state(ckpt_path, "stage2", cfg)
     if state is not None and state.get("finished"):
-        print(f"{ckpt_path} is finished; delete it to train again")
         return state["results"]
     idm = load_idm(cfg)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
@@ -1309,7 +1307,6 @@ def finetune(cfg, sl=True):
     ckpt = Path(cfg.run_dir) / f"{stage}.pt"
     state = resume_state(ckpt, "finetune", cfg)
     if state is not None and state.get("finished"):
-        print(f"{ckpt} is finished; delete it to train again")
         return state["results"]
     idm = load_idm(cfg)
     seed_everything(cfg.seed)
