@@ -115,15 +115,13 @@ PRESETS = {
     "paper": {},
     # laptop scale: tuned by experiment, see README "Results"
     "cpu": dict(idm_scale=1, policy_scale=1, fdm_width=8, fdm_residual=True, vq_reset_after=50,
-                num_envs=64,
-                num_steps=64, minibatches=4, epochs=2, expert_frames=2_000_000,
+                num_envs=64, num_steps=64, minibatches=4, epochs=2, expert_frames=1_000_000,
                 train_frames=262_144, test_frames=32_768, s1_steps=3_000, s1_lr=1e-3,
                 probe_every=500, probe_frames=8_192, probe_steps=300, s2_steps=3_000,
                 s2_lr=1e-3, decode_steps=1_000, ft_frames=500_000, ft_schedule_scale=0.25),
     # the whole pipeline in minutes: a smoke test whose output is still worth reading
     "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
-                 num_envs=32,
-                 num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
+                 num_envs=32, num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
                  train_frames=32_768, test_frames=8_192, s1_steps=1_000, s1_lr=1e-3,
                  probe_every=250, probe_frames=4_096, probe_steps=150, s2_steps=500,
                  s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=65_536,
@@ -600,8 +598,9 @@ class RLSLPolicy(nn.Module):
                decoder MLP, trained by supervised learning on (IDM latent, action) pairs.
       RL path: the latent policy's linear layer (tuned by PPO), a zero-initialised action
                head and a value head.
-    The logits are the mean of both paths, so at the start (RL head = 0) the agent acts as
-    the decoded latent policy and RL only has to correct it."""
+    The logits are the mean of both paths. The RL head starts at 0, so the agent first acts
+    as the latent policy through the decoder (fitted online from 10k frames on), and RL only
+    has to correct it."""
 
     def __init__(self, cfg, latent_policy=None):
         super().__init__()
@@ -646,7 +645,7 @@ class LapoError(Exception):
 
 
 STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="decode",
-                     finetune="finetune")  # checkpoint name -> the command that makes it
+                     finetune="finetune", ppo="finetune --scratch")  # checkpoint name -> the command that makes it
 
 
 def rank_world():
@@ -693,19 +692,19 @@ def write_atomic(path, text):
 
 def load_checkpoint(path, stage, cfg=None, finished=True):
     """Loads a stage's checkpoint, with one clear line for each way it can be wrong."""
-    path = Path(path)
+    path, command = Path(path), STAGE_COMMAND[stage.split("-")[0]]  # finetune-rl-seed1 -> finetune
     if not path.exists():
-        raise LapoError(f"{path} not found: run `python lapo.py {STAGE_COMMAND[stage]}` "
+        raise LapoError(f"{path} not found: run `python lapo.py {command}` "
                         f"with the same --run-dir first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["config"], ckpt["step"]
     except Exception as e:
         raise LapoError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
-                        f"delete it and re-run `python lapo.py {STAGE_COMMAND[stage]}`") from None
+                        f"delete it and re-run `python lapo.py {command}`") from None
     if finished and not ckpt.get("finished"):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
-                        f"{STAGE_COMMAND[stage]}` with the same flags to resume it")
+                        f"{command}` with the same flags to resume it")
     if cfg is not None:
         diff = [f"{k}={ckpt['config'][k]} (flags say {getattr(cfg, k)})"
                 for k in NET_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
@@ -924,24 +923,25 @@ def return_summary(cfg, returns):
                 relative=relative_return(cfg.env, m))
 
 
-def run_expert(cfg):
-    """Stage 0: PPO from scratch on the game. The expert that makes the dataset, and the
-    'PPO from scratch' baseline of the paper."""
-    ckpt = Path(cfg.run_dir) / "expert.pt"
-    state = resume_state(ckpt, "expert", cfg)
+def run_expert(cfg, stage="expert", frames=None):
+    """Stage 0: PPO from scratch on the game for `frames` (default expert_frames). The expert
+    that makes the dataset, and (as stage 'ppo', ft_frames) the baseline of claim 3."""
+    frames = frames or cfg.expert_frames
+    ckpt = Path(cfg.run_dir) / f"{stage}.pt"
+    state = resume_state(ckpt, stage, cfg)
     if state is not None and state.get("finished"):
         return state["results"]
     seed_everything(cfg.seed)
     agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
     t0 = time.time()
-    ppo(cfg, "expert", agent, opt, lambda f: [cfg.expert_lr * (1 - f / cfg.expert_frames)],
-        cfg.expert_frames, cfg.expert_ent, ckpt)
+    ppo(cfg, stage, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)],
+        frames, cfg.expert_ent, ckpt)
     results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
     results["minutes"] = (time.time() - t0) / 60
     state = torch.load(ckpt, weights_only=True)
     save_checkpoint(ckpt, **state, kind="policy", finished=True, results=results)
-    print(f"[expert] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
+    print(f"[{stage}] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
           f"over {results['episodes']} episodes")
     return results
 
@@ -987,17 +987,22 @@ def collect(cfg, random_policy=False, policy_path=None):
 
 
 def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
-    """Runs num_envs games in parallel; an episode joins the chunk stream when it ends, so each
-    chunk is whole runs of consecutive frames and only one episode per env is held in RAM."""
+    """Runs num_envs games in parallel; an episode joins the chunk when it ends, so each chunk
+    is whole runs of consecutive frames. Frames go into preallocated arrays (one running
+    episode per env, one chunk): millions of small per-frame arrays would fragment the heap
+    between the policy's large temporaries and grow the RSS far beyond the data (6.6 GB for
+    a 65k-frame chunk, measured)."""
     E = cfg.num_envs
     envs = make_env(cfg.env, E, seed)
     rng = seed_everything(seed)
     obs = envs.reset()["rgb"]
-    episode = [{k: [] for k in CHUNK_KEYS} for _ in range(E)]
-    pending = {k: [] for k in CHUNK_KEYS}  # finished episodes not yet written
-    chunk, ep_ret = first, np.zeros(E)
+    shapes = dict(obs=obs.shape[1:])
+    cap = 1024  # longest episode held; doubled when an episode outgrows it
+    episode = {k: np.empty((E, cap, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
+    chunk = {k: np.empty((chunk_len, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
+    length, filled, n, ep_ret = np.zeros(E, int), 0, first, np.zeros(E)
     log = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
-    while chunk < n_chunks:
+    while n < n_chunks:
         if agent is None:
             action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
         else:
@@ -1007,21 +1012,25 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
             value = value.float().cpu().numpy()
         next_obs, reward, done, _ = envs.step(action.astype(np.int32))
         ep_ret += reward
-        for i in range(E):
-            # obs[i].copy(): a view would keep the whole (E, 64, 64, 3) batch alive
-            for k, v in zip(CHUNK_KEYS, (obs[i].copy(), action[i], done[i], reward[i], ep_ret[i], value[i])):
-                episode[i][k].append(v)
-            if done[i]:
+        if length.max() == cap:
+            episode = {k: np.concatenate([v, np.empty_like(v)], 1) for k, v in episode.items()}
+            cap *= 2
+        for k, v in zip(CHUNK_KEYS, (obs, action, done, reward, ep_ret, value)):
+            episode[k][np.arange(E), length] = v
+        length += 1
+        for i in np.flatnonzero(done):  # copy the finished episode into the chunk(s)
+            start = 0
+            while start < length[i] and n < n_chunks:
+                m = min(chunk_len - filled, length[i] - start)
                 for k in CHUNK_KEYS:
-                    pending[k] += episode[i][k]
-                    episode[i][k] = []
-                ep_ret[i] = 0
+                    chunk[k][filled:filled + m] = episode[k][i, start:start + m]
+                filled, start = filled + m, start + m
+                if filled == chunk_len:
+                    write_chunk(folder / f"{n}.npz", chunk)
+                    n, filled = n + 1, 0
+                    log.log(n * chunk_len, force=True, chunk=n)
+            length[i], ep_ret[i] = 0, 0
         obs = next_obs["rgb"]
-        while len(pending["ta"]) >= chunk_len and chunk < n_chunks:
-            write_chunk(folder / f"{chunk}.npz", {k: np.stack(v[:chunk_len]) for k, v in pending.items()})
-            pending = {k: v[chunk_len:] for k, v in pending.items()}
-            chunk += 1
-            log.log(chunk * chunk_len, force=True, chunk=chunk)
     envs.close()
 
 
@@ -1297,13 +1306,17 @@ def decode(cfg, labels=None, bc=False):
 # --- Stage 3, online: PPO fine-tuning, RL + SL ----------------------------------------------
 
 
-def finetune(cfg, sl=True):
+def finetune(cfg, sl=True, scratch=False):
     """PPO on the RL+SL policy. The conv trunk stays frozen; PPO tunes the RL head, the value
     head and the last linear layer, each with a learning rate that ramps up from 0 (the
     paper's schedule, in frames, stretched by ft_schedule_scale). With SL, the decoder is
     re-fitted from scratch on (IDM latent, action taken) pairs gathered online between 10k
-    and 400k frames; with --no-sl, PPO trains the decoder too."""
-    stage = "finetune" if sl else "finetune-rl"
+    and 400k frames; with --no-sl, PPO trains the decoder too. --scratch is the baseline:
+    PPO from scratch (the expert's recipe) with the same frame budget."""
+    seed = f"-seed{cfg.seed}" if cfg.seed else ""  # seeds share the run's stages 1 and 2
+    if scratch:
+        return run_expert(cfg, "ppo" + seed, cfg.ft_frames)
+    stage = ("finetune" if sl else "finetune-rl") + seed
     ckpt = Path(cfg.run_dir) / f"{stage}.pt"
     state = resume_state(ckpt, "finetune", cfg)
     if state is not None and state.get("finished"):
@@ -1460,20 +1473,35 @@ def plot(cfg):
                title=f"Claim 2: offline decoding ({cfg.env})")
         ax.legend()
         save(fig, "claim2_offline.png")
-    curves = {name: [r for r in read_jsonl(run / f"{name}.jsonl") if "episode_return" in r]
-              for name in ("finetune", "finetune-rl", "expert")}
-    if any(curves.values()):  # claim 3
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, eps in curves.items():
+    methods = {"finetune": "LAPO RL+SL", "finetune-rl": "LAPO RL only", "ppo": "PPO from scratch"}
+    grid = np.linspace(0, cfg.ft_frames, 101)[1:]
+    curves = {name: [] for name in methods}  # claim 3: a curve per seed, on a common frame grid
+    for name in methods:
+        finals = []
+        for ckpt in sorted(run.glob(f"{name}.pt")) + sorted(run.glob(f"{name}-seed*.pt")):
+            eps = [r for r in read_jsonl(ckpt.with_suffix(".jsonl")) if "episode_return" in r]
             if eps:
                 c = np.cumsum([0] + [e["episode_return"] for e in eps])
                 k = np.arange(1, len(eps) + 1)
                 ret = (c[k] - c[np.maximum(k - 100, 0)]) / np.minimum(k, 100)  # last <= 100 episodes
-                frames = [e["step"] for e in eps]
-                label = {"finetune": "LAPO RL+SL", "finetune-rl": "LAPO RL only", "expert": "PPO from scratch"}[name]
-                ax.plot(frames, relative_return(cfg.env, ret), label=label)
-        ax.set(xlabel="environment frames", ylabel="relative return (mean of 100 episodes)",
-               title=f"Claim 3: online fine-tuning ({cfg.env})")
+                curves[name].append(np.interp(grid, [e["step"] for e in eps], relative_return(cfg.env, ret)))
+            state = torch.load(ckpt, weights_only=True)
+            if state.get("finished"):
+                finals.append(state["results"]["relative"])
+        if finals:  # the final evaluation, and the training curve at a fifth, half and all frames
+            at = {f: np.array(curves[name])[:, round(100 * f) - 1] for f in (0.2, 0.5, 1.0)} if curves[name] else {}
+            print(f"[plot] claim 3, {methods[name]}: final relative return {np.mean(finals):.2f} +- "
+                  f"{np.std(finals):.2f} over {len(finals)} seeds ({', '.join(f'{x:.2f}' for x in finals)}); "
+                  "training curve " + ", ".join(f"{v.mean():.2f} +- {v.std():.2f} at {f * cfg.ft_frames:,.0f}"
+                                                for f, v in at.items()))
+    if any(curves.values()):  # mean over seeds, shaded from the worst seed to the best
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, seeds in curves.items():
+            if seeds:
+                ax.plot(grid, np.mean(seeds, 0), label=f"{methods[name]} ({len(seeds)} seeds)")
+                ax.fill_between(grid, np.min(seeds, 0), np.max(seeds, 0), alpha=0.2)
+        ax.set(xlabel="environment frames", ylabel="relative return (mean of last 100 episodes)",
+               title=f"Claim 3: online fine-tuning vs PPO from scratch ({cfg.env})")
         ax.legend()
         save(fig, "claim3_online.png")
     if (run / "stage1.pt").exists():  # what the FDM predicts, and what the latents encode
@@ -1600,7 +1628,7 @@ HELP = dict(
     stage1="train the latent IDM + FDM (no actions used; a probe reports action accuracy)",
     stage2="latent behaviour cloning: a policy imitates the IDM's latent actions",
     decode="offline decoding: fit latent -> action on --labels N frames, play, report return",
-    finetune="online decoding with PPO, RL + SL (paper) or --no-sl (RL only)",
+    finetune="online decoding with PPO, RL + SL (paper), --no-sl (RL only) or --scratch (baseline)",
     eval="play a saved policy (or 'random') for K episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
     bench="throughput of every stage on this device, at the cpu and paper sizes",
@@ -1636,6 +1664,8 @@ def build_parser():
                            help="the baseline: behaviour cloning from scratch on the same labels")
         if name == "finetune":
             p.add_argument("--no-sl", action="store_true", help="RL only: PPO also trains the decoder")
+            p.add_argument("--scratch", action="store_true",
+                           help="the baseline: PPO from scratch with the same frame budget")
         if name == "eval":
             p.add_argument("--policy", required=True, help="a checkpoint that acts, or 'random'")
             p.add_argument("--episodes", type=int, default=100)
@@ -1664,7 +1694,9 @@ def main(argv=None):
         elif args.command == "decode":
             decode(cfg, bc=args.bc)
         elif args.command == "finetune":
-            finetune(cfg, sl=not args.no_sl)
+            if args.scratch and args.no_sl:
+                raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")
+            finetune(cfg, sl=not args.no_sl, scratch=args.scratch)
         elif args.command == "eval":
             if args.episodes <= 0:
                 raise LapoError("--episodes must be positive")

@@ -250,9 +250,12 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run):
     r = run("finetune", "--no-sl", "--run-dir", str(d), *SMALL, cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "finetune-rl" in r.stdout
+    r = run("finetune", "--scratch", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # claim 3's baseline
+    assert r.returncode == 0 and "[ppo-seed1] return" in r.stdout, r.stderr[-3000:]
+    assert torch.load(d / "ppo-seed1.pt", weights_only=True)["finished"]
     r = run("decode", "--bc", "--run-dir", str(d), *SMALL, cwd=d)  # the baseline of claim 2
     assert r.returncode == 0 and "[bc-32] return" in r.stdout, r.stderr[-3000:]
-    for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "random"]:
+    for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "ppo-seed1.pt", "random"]:
         r = run("eval", "--policy", policy if policy == "random" else str(d / policy),
                 "--episodes", "2", "--run-dir", str(d), *SMALL, cwd=d)
         assert r.returncode == 0 and "relative" in r.stdout, (policy, r.stderr[-2000:])
