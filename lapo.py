@@ -781,6 +781,12 @@ def autocast(cfg):
     return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.amp)
 
 
+def seed_suffix(cfg):
+    """'' for seed 0, else '-seedS': decode and finetune runs of other seeds sit beside seed
+    0's in the run dir and share its dataset and stages 1 and 2."""
+    return f"-seed{cfg.seed}" if cfg.seed else ""
+
+
 def lr_at(step, points, values):
     """piecewise-linear schedule through (points[i], values[i])"""
     return float(np.interp(step, points, values))
@@ -1266,7 +1272,7 @@ def decode(cfg, labels=None, bc=False):
     bc=True is the baseline: a policy of the same architecture trained from scratch by
     behaviour cloning on the same labelled frames."""
     labels = labels or cfg.labels
-    ckpt = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}.pt"
+    ckpt = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}{seed_suffix(cfg)}.pt"
     if ckpt.exists() and load_checkpoint(ckpt, "decode", cfg).get("finished"):
         print(f"{ckpt} is finished; delete it to decode again")
         return load_checkpoint(ckpt, "decode", cfg)["results"]
@@ -1313,10 +1319,9 @@ def finetune(cfg, sl=True, scratch=False):
     re-fitted from scratch on (IDM latent, action taken) pairs gathered online between 10k
     and 400k frames; with --no-sl, PPO trains the decoder too. --scratch is the baseline:
     PPO from scratch (the expert's recipe) with the same frame budget."""
-    seed = f"-seed{cfg.seed}" if cfg.seed else ""  # seeds share the run's stages 1 and 2
     if scratch:
-        return run_expert(cfg, "ppo" + seed, cfg.ft_frames)
-    stage = ("finetune" if sl else "finetune-rl") + seed
+        return run_expert(cfg, "ppo" + seed_suffix(cfg), cfg.ft_frames)
+    stage = ("finetune" if sl else "finetune-rl") + seed_suffix(cfg)
     ckpt = Path(cfg.run_dir) / f"{stage}.pt"
     state = resume_state(ckpt, "finetune", cfg)
     if state is not None and state.get("finished"):
@@ -1462,13 +1467,20 @@ def plot(cfg):
         ax.legend()
         save(fig, "claim1_probe.png")
     ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc")})
-    if ns:  # claim 2
+    if ns:  # claim 2: mean over seeds, bars from the worst seed to the best
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name in ("decode", "bc"):
-            pts = [(n, torch.load(run / f"{name}-{n}.pt", weights_only=True)["results"]["relative"])
-                   for n in ns if (run / f"{name}-{n}.pt").exists()]
+        for name, label in (("decode", "LAPO + decoder"), ("bc", "BC from scratch")):
+            pts = []
+            for n in ns:
+                seeds = [torch.load(p, weights_only=True)["results"]["relative"]
+                         for p in sorted(run.glob(f"{name}-{n}.pt")) + sorted(run.glob(f"{name}-{n}-seed*.pt"))]
+                if seeds:
+                    pts.append((n, np.mean(seeds), np.min(seeds), np.max(seeds)))
+                    print(f"[plot] claim 2, {label}, {n} labels: relative return {np.mean(seeds):.2f} +- "
+                          f"{np.std(seeds):.2f} over {len(seeds)} seeds ({', '.join(f'{x:.2f}' for x in seeds)})")
             if pts:
-                ax.plot(*zip(*pts), "o-", label="LAPO + decoder" if name == "decode" else "BC from scratch")
+                n, m, lo, hi = map(np.array, zip(*pts))
+                ax.errorbar(n, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=label)
         ax.set(xscale="log", xlabel="labelled frames", ylabel="relative return",
                title=f"Claim 2: offline decoding ({cfg.env})")
         ax.legend()

@@ -255,6 +255,8 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run):
     assert torch.load(d / "ppo-seed1.pt", weights_only=True)["finished"]
     r = run("decode", "--bc", "--run-dir", str(d), *SMALL, cwd=d)  # the baseline of claim 2
     assert r.returncode == 0 and "[bc-32] return" in r.stdout, r.stderr[-3000:]
+    r = run("decode", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # another seed, beside seed 0's
+    assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
     for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "ppo-seed1.pt", "random"]:
         r = run("eval", "--policy", policy if policy == "random" else str(d / policy),
                 "--episodes", "2", "--run-dir", str(d), *SMALL, cwd=d)
