@@ -18,9 +18,10 @@ Sections, in the paper's order:
   1. configuration     every hyperparameter, and the tiny / cpu / paper presets
   2. environment, data Procgen, return normalisation, the chunked dataset (authors' format)
   3. networks          IMPALA-CNN, EMA vector quantiser, IDM, U-Net FDM, policies
-  4. utilities         checkpoints, metrics, progress, errors
+  4. the method        one function per update: stage 1, stage 2, PPO, the decoder's SL
   5. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
-  6. command line
+  6. utilities         checkpoints, metrics, errors, torchrun
+  7. command line
 """
 
 import argparse
@@ -40,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn  # differentiable collectives
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_reduce  # differentiable
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------
@@ -50,66 +51,92 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ----------------------------------------------------------------------------------------
 
 
+def arg(default, help):
+    """A Config field whose help text is also its --help."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 @dataclass
 class Config:
     # what and where
-    env: str = "coinrun"  # Procgen game
-    run_dir: str = ""  # checkpoints, metrics and the dataset; default runs/<env>-<preset>
-    data: str = ""  # dataset folder with train/ and test/; default <run_dir>/data
-    preset: str = "paper"  # which preset filled in the defaults below
-    device: str = ""  # default: cuda when available, else cpu
-    seed: int = 0
-    amp: bool = True  # bf16 autocast (CUDA and recent CPUs both run it faster)
-    ckpt_every_s: float = 300  # checkpoint interval in seconds: the most work a crash can cost
+    env: str = arg("coinrun", "Procgen game (one of the 16)")
+    run_dir: str = arg("", "checkpoints, metrics and the dataset (default runs/<env>-<preset>)")
+    data: str = arg("", "dataset folder holding train/ and test/ (default <run-dir>/data)")
+    preset: str = arg("paper", "which preset filled in the defaults")
+    device: str = arg("", "cuda or cpu (default: cuda when available)")
+    seed: int = arg(0, "random seed; for decode and finetune, S > 0 writes files with -seedS")
+    amp: bool = arg(None, "bf16 autocast (default: on with CUDA and on CPUs with bf16 instructions)")
+    ckpt_every_s: float = arg(300, "seconds between checkpoints: the most work a crash can cost")
     # networks
-    idm_scale: float = 4  # IMPALA channels (16, 32, 32) x scale, for the IDM
-    policy_scale: float = 4  # ... for the latent policy and the PPO agents
-    fdm_width: int = 24  # U-Net base width b: channels b .. 32b
-    fdm_residual: bool = False  # predict o_{t+1} - o_t instead of o_{t+1} (copying is then free)
-    la_dim: int = 128  # latent action size
-    vq_codebooks: int = 2
-    vq_codes: int = 64  # codes per codebook
-    vq_dim: int = 16  # code size; la_dim / (codebooks * vq_dim) positions per codebook
-    vq_beta: float = 0.05  # commitment cost
-    vq_decay: float = 0.999  # EMA decay of the codebook statistics
-    vq_reset_after: int = 0  # re-seed a code unused for this many steps from a batch vector (0: never)
+    idm_scale: float = arg(4, "IDM width: IMPALA channels (16, 32, 32) x scale")
+    policy_scale: float = arg(4, "latent policy and PPO agent width, as --idm-scale")
+    fdm_width: int = arg(24, "FDM U-Net base width b: channels b .. 32b")
+    fdm_residual: bool = arg(False, "FDM predicts o_{t+1} - o_t (copying o_t is then free)")
+    la_dim: int = arg(128, "latent action size")
+    vq_codebooks: int = arg(2, "codebooks of the vector quantiser")
+    vq_codes: int = arg(64, "codes per codebook")
+    vq_dim: int = arg(16, "code size; la_dim / (codebooks x vq_dim) positions per codebook")
+    vq_beta: float = arg(0.05, "commitment cost")
+    vq_decay: float = arg(0.999, "EMA decay of the codebook statistics")
+    vq_count_init: float = arg(1.0, "initial EMA count of every code (the authors' code: 0)")
+    vq_reset_after: int = arg(0, "re-seed a code unused for this many steps (0: never)")
     # PPO, shared by the expert (= PPO from scratch) and online fine-tuning
-    num_envs: int = 64
-    num_steps: int = 64  # rollout length per env: one update sees num_envs * num_steps frames
-    minibatches: int = 8
-    epochs: int = 3
-    gamma: float = 0.999
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    expert_frames: int = 50_000_000
-    expert_lr: float = 5e-4
-    expert_ent: float = 0.01
+    num_envs: int = arg(64, "parallel games")
+    num_steps: int = arg(64, "rollout length: one update sees num_envs x num_steps frames")
+    minibatches: int = arg(8, "minibatches per PPO epoch")
+    epochs: int = arg(3, "PPO epochs per rollout")
+    gamma: float = arg(0.999, "discount")
+    gae_lambda: float = arg(0.95, "GAE lambda")
+    clip: float = arg(0.2, "PPO ratio and value clip")
+    vf_coef: float = arg(0.5, "value loss weight")
+    max_grad_norm: float = arg(0.5, "PPO gradient-norm clip")
+    expert_frames: int = arg(50_000_000, "frames of PPO for the expert")
+    expert_lr: float = arg(5e-4, "expert learning rate, decayed linearly to 0")
+    expert_ent: float = arg(0.01, "expert entropy bonus")
     # dataset
-    train_frames: int = 8_000_000
-    test_frames: int = 131_072
+    train_frames: int = arg(8_000_000, "frames collected for training")
+    test_frames: int = arg(131_072, "frames collected on other levels, for held-out scores")
     # stage 1: IDM + FDM
-    s1_steps: int = 50_000
-    s1_batch: int = 128
-    s1_lr: float = 3e-4
-    probe_every: int = 5_000  # steps between probes (latent -> true action accuracy)
-    probe_frames: int = 16_384  # held-out windows for the probe, half to fit, half to score
-    probe_steps: int = 500
+    s1_steps: int = arg(50_000, "stage-1 training steps")
+    s1_batch: int = arg(128, "stage-1 batch")
+    s1_lr: float = arg(3e-4, "stage-1 learning rate: from 0.1x over the warm-up, to 0.01x")
+    s1_warmup: int = arg(50, "stage-1 warm-up steps")
+    s1_clip: float = arg(2.0, "stage-1 gradient-norm clip")
+    probe_every: int = arg(5_000, "stage-1 steps between probes (latent -> true action)")
+    probe_frames: int = arg(16_384, "held-out windows for the probe, half to fit, half to score")
+    probe_steps: int = arg(500, "training steps of the probe")
     # stage 2: latent behaviour cloning
-    s2_steps: int = 60_000
-    s2_batch: int = 128
-    s2_lr: float = 2e-4
-    # stage 3 offline: latent policy + decoder trained on a few labelled frames
-    labels: int = 256
-    decode_steps: int = 2_000
-    eval_episodes: int = 100
+    s2_steps: int = arg(60_000, "stage-2 training steps")
+    s2_batch: int = arg(128, "stage-2 batch")
+    s2_lr: float = arg(2e-4, "stage-2 learning rate: from 0.01x over the warm-up, to 0")
+    s2_warmup: int = arg(1_000, "stage-2 warm-up steps")
+    # stage 3 offline: latent policy + decoder fitted on a few labelled frames
+    labels: int = arg(256, "labelled frames for decode")
+    decode_steps: int = arg(2_000, "decoder (or BC) training steps")
+    decode_lr: float = arg(1e-3, "decoder (or BC) learning rate")
+    decode_wd: float = arg(1e-4, "decoder (or BC) weight decay")
+    eval_episodes: int = arg(100, "episodes of the final evaluation of every policy")
     # stage 3 online: PPO fine-tuning, RL + SL
-    ft_frames: int = 4_000_000
-    ft_lr: float = 1e-2
-    ft_ent: float = 0.0025
-    ft_schedule_scale: float = 1.0  # stretches the paper's lr ramps and SL window (in frames)
+    ft_frames: int = arg(4_000_000, "frames of PPO fine-tuning")
+    ft_lr: float = arg(1e-2, "fine-tuning peak learning rate (per-part ramps: FT_RAMPS)")
+    ft_ent: float = arg(0.0025, "fine-tuning entropy bonus")
+    ft_schedule_scale: float = arg(1.0, "stretches FT_RAMPS and the SL window (in frames)")
+    sl_start: int = arg(10_000, "frame at which the decoder's SL starts")
+    sl_dense: int = arg(50_000, "until this frame SL re-fits after every update, then every --sl-every")
+    sl_end: int = arg(400_000, "frame at which the decoder's SL stops")
+    sl_every: int = arg(20, "PPO updates between decoder re-fits after --sl-dense")
+    sl_epochs: int = arg(3, "epochs of each decoder re-fit")
+    sl_batch: int = arg(512, "batch of the decoder re-fit")
+    sl_smoothing: float = arg(0.05, "label smoothing of the decoder re-fit")
 
+
+# Fine-tuning trains three parts of the RL+SL policy, each with a learning rate that is 0
+# until frame a, ramps linearly to ft_lr x f at frame b, then decays linearly to 0 at
+# ft_frames (frames x ft_schedule_scale). The paper's schedule.
+FT_RAMPS = dict(rl_head=(35_000, 50_000, 1 / 4), value=(25_000, 50_000, 1 / 4),
+                fc_rl=(50_000, 200_000, 1 / 10))
+ONLINE_DECODER = (192, 128, 64)  # hidden widths of the RL+SL decoder (paper)
+OFFLINE_DECODER = (128, 128)  # ... of the offline decoder, and of the probe
 
 PRESETS = {
     "paper": {},
@@ -138,8 +165,17 @@ def make_config(preset="paper", **overrides):
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.env}-{preset}"
     cfg.data = cfg.data or str(Path(cfg.run_dir) / "data")
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.amp is None:  # bf16 pays on GPUs and on CPUs that compute in it; elsewhere it is slower
+        cfg.amp = cfg.device.startswith("cuda") or cpu_has_bf16()
     check_config(cfg)
     return cfg
+
+
+def cpu_has_bf16():
+    """AVX512-BF16 or AMX: the x86 instructions that make bf16 autocast faster than fp32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def check_config(cfg):
@@ -147,13 +183,14 @@ def check_config(cfg):
         raise LapoError(f"unknown game {cfg.env!r}; choose one of: {', '.join(GAMES)}")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.type in (int, float) and f.name not in ("seed", "vq_reset_after"):
-            if not math.isfinite(v) or v <= 0:
-                raise LapoError(f"--{f.name.replace('_', '-')} must be a positive number, got {v}")
+        may_be_0 = f.name in ("seed", "vq_reset_after", "vq_count_init", "sl_smoothing")
+        if f.type in (int, float) and (not math.isfinite(v) or v < 0 or (v == 0 and not may_be_0)):
+            raise LapoError(f"--{f.name.replace('_', '-')} must be a {'non-negative' if may_be_0 else 'positive'} "
+                            f"number, got {v}")
     if cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim):
         raise LapoError(f"--la-dim {cfg.la_dim} must be a multiple of "
                         f"--vq-codebooks x --vq-dim = {cfg.vq_codebooks * cfg.vq_dim}")
-    for name in ("gamma", "gae_lambda", "clip", "vq_decay", "vq_beta"):
+    for name in ("gamma", "gae_lambda", "clip", "vq_decay", "vq_beta", "sl_smoothing"):
         if getattr(cfg, name) > 1:
             raise LapoError(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
     if (cfg.num_envs * cfg.num_steps) % cfg.minibatches:
@@ -221,7 +258,7 @@ class RewardNormalizer:
 
 
 def to_input(obs, device):
-    """uint8 (B, [T,] 64, 64, 3) -> float (B, T*3, 64, 64) in [-0.5, 0.5], channels-last.
+    """uint8 (B, [T,] H, W, 3) -> float (B, T*3, H, W) in [-0.5, 0.5], channels-last.
     Observations stay uint8 until they are on the device: 4x less to copy. Frames are stacked
     on channels, and NHWC uint8 is already channels-last memory, so no copy is made for it."""
     x = torch.as_tensor(obs).to(device, non_blocking=True)
@@ -265,7 +302,9 @@ def mmap_npz(path, key):
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         f.seek(info.header_offset + 30 + name_len + extra_len)
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
         offset = f.tell()
     if fortran:
         return None
@@ -301,8 +340,8 @@ def read_chunk(path):
 class Dataset:
     """Transitions (o_{t-1}, o_t, o_{t+1}) from a folder of chunks. Windows never cross a
     chunk or an episode boundary. Observations of uncompressed chunks stay on disk: each
-    window is one pread(), so memory does not grow with the dataset (pages of a memory map
-    would count against the process as it touches them; the OS page cache does not)."""
+    window is one read of 3 frames, so memory does not grow with the dataset (pages of a
+    memory map would count against the process as it touches them; the page cache does not)."""
 
     def __init__(self, folder, split):
         files = chunk_files(Path(folder) / split)
@@ -315,9 +354,7 @@ class Dataset:
             done = small["done"].astype(bool)
             t = np.arange(1, len(obs) - 1)
             t = t[~done[t - 1] & ~done[t]]  # no episode ends between t-1 and t+1
-            if isinstance(obs, np.memmap):
-                obs = (os.open(path, os.O_RDONLY), obs.offset)
-            self.obs.append(obs)
+            self.obs.append((path, obs.offset) if isinstance(obs, np.memmap) else obs)
             self.ta.append(small["ta"].astype(np.int64))
             index.append(np.stack([np.full_like(t, i), t], 1))
         self.index = np.concatenate(index)
@@ -337,9 +374,10 @@ class Dataset:
     def window(self, c, t):
         if isinstance(self.obs[c], np.ndarray):  # a compressed chunk, loaded in RAM
             return self.obs[c][t - 1 : t + 2]
-        fd, offset = self.obs[c]
-        data = os.pread(fd, 3 * FRAME_BYTES, offset + (t - 1) * FRAME_BYTES)
-        return np.frombuffer(data, np.uint8).reshape(3, 64, 64, 3)
+        path, offset = self.obs[c]
+        with open(path, "rb") as f:
+            f.seek(offset + (t - 1) * FRAME_BYTES)
+            return np.frombuffer(f.read(3 * FRAME_BYTES), np.uint8).reshape(3, 64, 64, 3)
 
     def sample(self, rng, batch, rank=0, world=1):
         """A random batch; under torchrun every rank draws the same one and keeps its share."""
@@ -363,18 +401,18 @@ class ResidualBlock(nn.Module):
 
 class ImpalaCNN(nn.Module):
     """IMPALA-CNN (Espeholt et al. 2018): three (conv3x3, maxpool 3x3/2, 2 residual blocks)
-    sequences, then a linear layer to 256 features. 64x64 -> 8x8 spatially."""
+    sequences, then a linear layer to 256 features. size x size images (64 in Procgen)."""
 
-    def __init__(self, in_channels, scale, features=256):
+    def __init__(self, in_channels, scale, size=64, features=256):
         super().__init__()
         layers = []
         for c in (16, 32, 32):
             c = int(c * scale)
             layers += [nn.Conv2d(in_channels, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
                        ResidualBlock(c), ResidualBlock(c)]
-            in_channels = c
+            in_channels, size = c, (size + 1) // 2  # each max-pool halves, rounding up
         self.conv = nn.Sequential(*layers, nn.Flatten(), nn.ReLU())
-        self.fc = nn.Linear(in_channels * 8 * 8, features)
+        self.fc = nn.Linear(in_channels * size * size, features)
 
     def forward(self, x):
         return F.relu(self.fc(self.conv(x)))
@@ -384,16 +422,22 @@ class VectorQuantizerEMA(nn.Module):
     """Vector quantisation (van den Oord et al. 2017) with an EMA codebook: no codebook
     gradients, codes move to the running mean of the vectors assigned to them.
     A latent of size G*P*D is read as G codebooks x P positions x D dims; each D-vector snaps
-    to the nearest of its codebook's K codes. Gradients pass straight through."""
+    to the nearest of its codebook's K codes. Gradients pass straight through.
+    count_init: the EMA counts start at 1 here. The authors start them at 0 without bias
+    correction, so a code not picked on the first step is divided by ~1e-5 and flung far away."""
 
-    def __init__(self, codebooks, codes, dim, beta, decay, reset_after=0, eps=1e-5):
+    def __init__(self, codebooks, codes, dim, beta, decay, count_init=1.0, reset_after=0, eps=1e-5):
         super().__init__()
         self.beta, self.decay, self.reset_after, self.eps = beta, decay, reset_after, eps
         codebook = torch.empty(codebooks, codes, dim).uniform_(-5 / codes, 5 / codes)
         self.register_buffer("codebook", codebook)  # (G, K, D)
-        self.register_buffer("ema_count", torch.ones(codebooks, codes))
+        self.register_buffer("ema_count", torch.full((codebooks, codes), float(count_init)))
         self.register_buffer("ema_sum", codebook.clone())
         self.register_buffer("idle_steps", torch.zeros(codebooks, codes))
+
+    def statistics(self, onehot, x):
+        """How many vectors each code got, and their sum: (G, K), (G, K, D)."""
+        return onehot.sum(1), onehot.transpose(1, 2) @ x
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -403,23 +447,18 @@ class VectorQuantizerEMA(nn.Module):
         B = z.shape[0]
         x = z.float().view(B, G, -1, D).transpose(0, 1).reshape(G, -1, D)  # (G, B*P, D)
         distance = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
-                + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
+                    + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
         idx = distance.argmin(-1)
         q = torch.gather(self.codebook, 1, idx.unsqueeze(-1).expand(-1, -1, D))
         onehot = F.one_hot(idx, K).float()
         if self.training:
             with torch.no_grad():
-                count, total = onehot.sum(1), onehot.transpose(1, 2) @ x
-                if dist.is_initialized():  # under torchrun: the statistics of the global batch,
-                    dist.all_reduce(count)  # so every rank makes the same update, the one a
-                    dist.all_reduce(total)  # single process would make
+                count, total = self.statistics(onehot, x)
                 self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
                 self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
                 if self.reset_after:  # codebook collapse: a code nobody picks never moves again,
                     # so one idle for reset_after steps restarts at a random vector of this batch
-                    # (under torchrun each rank draws its own; DDP then broadcasts rank 0's buffers)
-                    used = count > 0
-                    self.idle_steps.add_(1).mul_(~used)
+                    self.idle_steps.add_(1).mul_(count == 0)
                     dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
                     sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
                     self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
@@ -439,12 +478,12 @@ class VectorQuantizerEMA(nn.Module):
 class IDM(nn.Module):
     """Latent inverse dynamics: (o_{t-1}, o_t, o_{t+1}) on 9 channels -> latent action."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, quantizer=VectorQuantizerEMA):
         super().__init__()
         self.cnn = ImpalaCNN(9, cfg.idm_scale)
         self.head = nn.Linear(256, cfg.la_dim)
-        self.vq = VectorQuantizerEMA(cfg.vq_codebooks, cfg.vq_codes, cfg.vq_dim, cfg.vq_beta,
-                                     cfg.vq_decay, cfg.vq_reset_after)
+        self.vq = quantizer(cfg.vq_codebooks, cfg.vq_codes, cfg.vq_dim, cfg.vq_beta, cfg.vq_decay,
+                            cfg.vq_count_init, cfg.vq_reset_after)
 
     def forward(self, x):
         """x (B, 9, 64, 64) -> la (continuous), la_q (quantised), commitment loss, perplexity"""
@@ -485,34 +524,13 @@ class TiledLatentConv(nn.Module):
         return out + torch.einsum("bokl,klhw->bohw", per_tap, taps)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose batch statistics span all ranks under torchrun, so N processes train
-    exactly as one with the global batch (nn.SyncBatchNorm does this on GPUs only)."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized()):
-            return super().forward(x)
-        world = dist.get_world_size()
-        moments = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
-        mean, mean_sq = all_reduce(moments, "sum", dist.group.WORLD) / world
-        var = mean_sq - mean.pow(2)
-        with torch.no_grad():
-            n = x.numel() / x.shape[1] * world
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked.add_(1)
-        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-def down_block(c_in, c_out, conv=True):  # halves the resolution
+def down_block(c_in, c_out, norm, conv=True):  # halves the resolution
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1) if conv else nn.Identity(),
-                         BatchNorm2d(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
+                         norm(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
 
 
-def up_block(c_in, c_out):  # doubles the resolution
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), BatchNorm2d(c_out),
-                         ResLayer(c_out), nn.ReLU())
+def up_block(c_in, c_out, norm):  # doubles the resolution
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), norm(c_out), ResLayer(c_out), nn.ReLU())
 
 
 class FDM(nn.Module):
@@ -521,16 +539,16 @@ class FDM(nn.Module):
     bottleneck, so the decoder cannot ignore it. Channels b, 2b, .., 16b down to 2x2, 32b at
     1x1, then back up with skip connections."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, norm=nn.BatchNorm2d):
         super().__init__()
         b, la, self.residual = cfg.fdm_width, cfg.la_dim, cfg.fdm_residual
         widths = [b, 2 * b, 4 * b, 8 * b, 16 * b]  # 32, 16, 8, 4, 2 pixels
         self.inp = TiledLatentConv(6, la, b)  # = conv3x3 of (o_{t-1}, o_t, la tiled)
-        self.down = nn.ModuleList([down_block(b, b, conv=False)] + [
-            down_block(c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:])])
+        self.down = nn.ModuleList([down_block(b, b, norm, conv=False)] + [
+            down_block(c_in, c_out, norm) for c_in, c_out in zip(widths[:-1], widths[1:])])
         self.mid = nn.Conv2d(16 * b, 32 * b, 2)  # 2x2 -> 1x1
-        self.up = nn.ModuleList([up_block(32 * b + la, 16 * b)] + [
-            up_block(2 * c, c_out) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
+        self.up = nn.ModuleList([up_block(32 * b + la, 16 * b, norm)] + [
+            up_block(2 * c, c_out, norm) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
         self.out = nn.Sequential(nn.Conv2d(b + 6, b, 3, padding=1), ResLayer(b), nn.ReLU(),
                                  nn.Conv2d(b, 3, 1))
 
@@ -551,8 +569,9 @@ class FDM(nn.Module):
 
 
 class Policy(nn.Module):
-    """IMPALA-CNN policy from o_t. out = 15 action logits and a value (PPO agents), or a
-    latent action and no value (the latent policy of stage 2)."""
+    """IMPALA-CNN policy from o_t: 15 action logits and a value (the PPO agents and BC), or,
+    with value=False, a latent action and no value (the latent policy of stage 2). PyTorch's
+    default initialisation; the PPO agents re-initialise their heads (run_expert)."""
 
     def __init__(self, scale, out_dim, value=True):
         super().__init__()
@@ -563,6 +582,11 @@ class Policy(nn.Module):
     def forward(self, x):
         h = self.cnn(x)
         return self.head(h), None if self.value is None else self.value(h).squeeze(-1)
+
+
+def orthogonal_init(layer, std):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.zeros_(layer.bias)
 
 
 def mlp(*sizes):
@@ -578,10 +602,11 @@ class DecodedPolicy(nn.Module):
     def __init__(self, cfg, latent_policy=None):
         super().__init__()
         self.latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
-        self.decoder = mlp(cfg.la_dim, 128, 128, NUM_ACTIONS)
+        self.decoder = mlp(cfg.la_dim, *OFFLINE_DECODER, NUM_ACTIONS)
 
     def forward(self, x):
-        return self.decoder(self.latent_policy(x)[0]), None
+        la, _ = self.latent_policy(x)
+        return self.decoder(la), None
 
 
 class UniformPolicy(nn.Module):
@@ -595,27 +620,29 @@ class RLSLPolicy(nn.Module):
     """Online decoding (paper, section 3.3). The latent policy's conv trunk is kept and
     frozen. Two paths share it:
       SL path: a frozen copy of the latent policy's linear layer and latent head, then a
-               decoder MLP, trained by supervised learning on (IDM latent, action) pairs.
+               decoder MLP, fitted by supervised learning on (IDM latent, action) pairs.
       RL path: the latent policy's linear layer (tuned by PPO), a zero-initialised action
                head and a value head.
-    The logits are the mean of both paths. The RL head starts at 0, so the agent first acts
-    as the latent policy through the decoder (fitted online from 10k frames on), and RL only
-    has to correct it."""
+    The logits are the mean of both paths. The RL head starts at 0, so the agent acts as the
+    latent policy through the decoder (a random one until SL first fits it), and RL only has
+    to correct it. With sl=False (RL only) PPO trains the decoder instead of SL."""
 
-    def __init__(self, cfg, latent_policy=None):
+    def __init__(self, cfg, latent_policy=None, sl=True):
         super().__init__()
         latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.conv = latent_policy.cnn.conv
         self.fc_rl = latent_policy.cnn.fc
         self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
         self.la_head = latent_policy.head
-        self.decoder = mlp(cfg.la_dim, 192, 128, 64, NUM_ACTIONS)
+        self.decoder = mlp(cfg.la_dim, *ONLINE_DECODER, NUM_ACTIONS)
         self.rl_head = nn.Linear(256, NUM_ACTIONS)
         nn.init.zeros_(self.rl_head.weight)
         nn.init.zeros_(self.rl_head.bias)
         self.value = nn.Linear(256, 1)
-        for p in [*self.conv.parameters(), *self.fc_sl.parameters(), *self.la_head.parameters()]:
-            p.requires_grad = False
+        orthogonal_init(self.value, 1.0)
+        frozen = [self.conv, self.fc_sl, self.la_head] + ([self.decoder] if sl else [])
+        for module in frozen:  # no gradient reaches them, so PPO can neither move nor clip them
+            module.requires_grad_(False)
 
     def forward(self, x):
         h = self.conv(x)
@@ -636,7 +663,689 @@ def make_policy(kind, cfg):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Utilities: errors, checkpoints, metrics, progress
+# 4. The method, one update at a time (the stages below, tools/bench.py and the tests call these)
+# ----------------------------------------------------------------------------------------
+
+
+def idm_fdm_loss(idm, fdm, x):
+    """x (B, 9, 64, 64) = (o_{t-1}, o_t, o_{t+1}). The IDM sees all three frames; the FDM sees
+    the first two and the quantised latent action of this very transition."""
+    la, la_q, commitment, perplexity = idm(x)
+    fdm_loss = F.mse_loss(fdm(x[:, :6], la_q).float(), x[:, 6:])
+    return fdm_loss, commitment, perplexity
+
+
+def stage1_update(cfg, idm, fdm, opt, x, step):
+    """One step of stage 1 on windows x: FDM error + commitment, no action labels. The
+    learning rate warms up from 0.1x and decays linearly to 0.01x (the paper's schedule)."""
+    warmup = min(cfg.s1_warmup, cfg.s1_steps // 2)
+    set_lr(opt, lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr]))
+    idm.train(), fdm.train()
+    with autocast(cfg):
+        fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, x)
+    loss = fdm_loss + commitment
+    check_finite(global_mean(loss), "stage1 loss")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(trained_params(opt), cfg.s1_clip)
+    opt.step()
+    return dict(fdm_loss=global_mean(fdm_loss).item(), commitment=commitment.item(),
+                perplexity=perplexity.item())
+
+
+@torch.no_grad()
+def latent_actions(cfg, idm, windows, batch=256):
+    """IDM latent actions (continuous, quantised), on the CPU, for uint8 windows (N, 3, 64, 64, 3)."""
+    idm.eval()
+    la, la_q = [], []
+    for i in range(0, len(windows), batch):
+        with autocast(cfg):
+            la_i, la_q_i, _, _ = idm(to_input(windows[i : i + batch], cfg.device))
+        la.append(la_i.float().cpu())
+        la_q.append(la_q_i.float().cpu())
+    return torch.cat(la), torch.cat(la_q)
+
+
+def probe_accuracy(x, y, steps, seed=0):
+    """How much of the true action can be read from features x: an MLP (128, 128) fitted on
+    the first half, accuracy on the second half. Labels are used for this evaluation only.
+    Features are centred and divided by one common scale: a per-feature scale would blow up
+    a pixel that happens to be constant in the fitting half (x 1e6), and wreck the score."""
+    n = len(x) // 2
+    x = (x - x[:n].mean(0)) / (x[:n].std() + 1e-8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        net = mlp(x.shape[1], *OFFLINE_DECODER, NUM_ACTIONS)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            i = torch.randint(n, (256,), generator=g)
+            loss = F.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
+
+
+def stage2_update(cfg, idm, policy, opt, x, step):
+    """One step of latent behaviour cloning: the policy, from o_t alone, regresses the frozen
+    IDM's continuous latent action for (o_{t-1}, o_t, o_{t+1}) with MSE."""
+    warmup = min(cfg.s2_warmup, cfg.s2_steps // 2)
+    set_lr(opt, lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0]))
+    with torch.no_grad(), autocast(cfg):
+        la, _, _, _ = idm(x)
+    policy.train()
+    with autocast(cfg):
+        la_pred, _ = policy(x[:, 3:6])  # o_t alone
+    loss = F.mse_loss(la_pred.float(), la.float())
+    check_finite(global_mean(loss), "stage2 loss")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return dict(loss=global_mean(loss).item())
+
+
+def gae(rewards, values, dones, next_value, next_done, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), over a rollout of T steps.
+    dones[t] = 1 if obs[t] starts a new episode (so no bootstrapping from t into t-1)."""
+    T = len(rewards)
+    adv = torch.zeros_like(rewards)
+    last = 0
+    for t in reversed(range(T)):
+        not_done = 1.0 - (next_done if t == T - 1 else dones[t + 1])
+        next_v = next_value if t == T - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_v * not_done - values[t]
+        adv[t] = last = delta + gamma * lam * not_done * last
+    return adv, adv + values
+
+
+def ppo_update(cfg, agent, opt, batch, ent_coef):
+    """PPO's clipped objective (Schulman et al. 2017), epochs x minibatches over one rollout;
+    batch holds flat obs, actions, logprobs, advantages, returns, values. Only the optimiser's
+    parameters are clipped and stepped. first_kl is the KL between the rollout's policy and
+    the one updated, before the first step: 0 unless something changed the policy in between."""
+    params, n = trained_params(opt), len(batch["obs"])
+    agent.train()
+    first_kl = None
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(n, device=batch["obs"].device).split(n // cfg.minibatches):
+            with autocast(cfg):
+                logits, value = agent(to_input(batch["obs"][idx], cfg.device))
+            pi = torch.distributions.Categorical(logits=logits.float())
+            log_ratio = pi.log_prob(batch["actions"][idx]) - batch["logprobs"][idx]
+            ratio = log_ratio.exp()
+            if first_kl is None:
+                first_kl = ((ratio - 1) - log_ratio).mean().item()  # Schulman's estimator, >= 0
+            a = batch["advantages"][idx]
+            a = (a - a.mean()) / (a.std() + 1e-8)
+            pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
+            value, old, ret = value.float(), batch["values"][idx], batch["returns"][idx]
+            v_clipped = old + (value - old).clamp(-cfg.clip, cfg.clip)  # clipped value loss
+            v_loss = 0.5 * torch.max((value - ret) ** 2, (v_clipped - ret) ** 2).mean()
+            entropy = pi.entropy().mean()
+            loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * entropy
+            check_finite(loss, "PPO loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+    return dict(pg_loss=pg_loss.item(), v_loss=v_loss.item(), entropy=entropy.item(), first_kl=first_kl)
+
+
+def label_rollout(cfg, idm, obs, actions, dones):
+    """(IDM latent action, action taken) pairs of a rollout: the latent of (o_{t-1}, o_t,
+    o_{t+1}) is paired with the action taken at o_t. obs (T, E, 64, 64, 3) uint8, actions
+    and dones (T, E), dones[t] = 1 if obs[t] starts an episode; windows that cross an episode
+    (or the rollout's ends) are dropped."""
+    t = torch.arange(1, len(obs) - 1, device=obs.device)
+    windows = torch.stack([obs[t - 1], obs[t], obs[t + 1]], 2).flatten(0, 1)  # ((T-2)*E, 3, ...)
+    same_episode = ((dones[t] == 0) & (dones[t + 1] == 0)).flatten()
+    la, _ = latent_actions(cfg, idm, windows[same_episode])
+    return la, actions[t].flatten()[same_episode].long().cpu()
+
+
+def fit_decoder(cfg, la, ta):
+    """A new decoder latent action -> true action, fitted from scratch on the pairs (la, ta)
+    with label smoothing (the SL of RL+SL). Returns it and its last loss."""
+    decoder = mlp(cfg.la_dim, *ONLINE_DECODER, NUM_ACTIONS).to(la.device)
+    opt = torch.optim.Adam(decoder.parameters())
+    for _ in range(cfg.sl_epochs):
+        for i in torch.randperm(len(la), device=la.device).split(cfg.sl_batch):
+            loss = F.cross_entropy(decoder(la[i]), ta[i], label_smoothing=cfg.sl_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return decoder, loss.item()
+
+
+class DecoderSL:
+    """The SL of RL+SL, run after every PPO update, so the next rollout acts with the new
+    decoder: label the rollout's transitions with the IDM and, inside the SL window, re-fit
+    the decoder from scratch on every pair so far (after each update until sl_dense frames,
+    then every sl_every updates). Its pairs and counter go into the run's checkpoints."""
+
+    def __init__(self, cfg, idm, decoder):
+        self.cfg, self.idm, self.decoder = cfg, idm, decoder
+        self.la, self.ta, self.updates = torch.zeros(0, cfg.la_dim), torch.zeros(0, dtype=torch.long), 0
+
+    def __call__(self, obs, actions, dones, frames):
+        cfg, s = self.cfg, self.cfg.ft_schedule_scale
+        self.updates += 1
+        if frames >= cfg.sl_end * s:  # the window is over: the pairs are no longer needed
+            self.la, self.ta = self.la[:0], self.ta[:0]
+            return dict(sl_updates=self.updates)
+        la, ta = label_rollout(cfg, self.idm, obs, actions, dones)
+        self.la, self.ta = torch.cat([self.la, la]), torch.cat([self.ta, ta])
+        metrics = dict(sl_updates=self.updates, sl_pairs=len(self.ta))
+        if frames > cfg.sl_start * s and (frames < cfg.sl_dense * s or self.updates % cfg.sl_every == 0):
+            decoder, metrics["sl_loss"] = fit_decoder(cfg, self.la.to(cfg.device), self.ta.to(cfg.device))
+            self.decoder.load_state_dict(decoder.state_dict())
+        return metrics
+
+    def state_dict(self):
+        return dict(la=self.la, ta=self.ta, updates=self.updates)
+
+    def load_state_dict(self, d):
+        self.la, self.ta, self.updates = d["la"], d["ta"], d["updates"]
+
+
+def evaluate(cfg, agent, episodes, seed=10_000):
+    """Plays exactly `episodes` episodes on the full level distribution (levels unseen in
+    training: another seed), sampling actions from the policy; returns their returns. Each
+    env plays a fixed share of the episodes, so short episodes are not favoured."""
+    n_envs = min(episodes, 64)
+    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
+    envs = make_env(cfg.env, n_envs, cfg.seed + seed)
+    torch.manual_seed(cfg.seed + seed)
+    obs, ep_ret = envs.reset()["rgb"], np.zeros(n_envs)
+    returns = [[] for _ in range(n_envs)]
+    agent.eval()
+    while any(len(r) < q for r, q in zip(returns, quota)):
+        with torch.no_grad(), autocast(cfg):
+            logits, _ = agent(to_input(obs, cfg.device))
+        action = torch.distributions.Categorical(logits=logits.float()).sample()
+        obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
+        obs, ep_ret = obs["rgb"], ep_ret + reward
+        for i in np.flatnonzero(done):
+            if len(returns[i]) < quota[i]:
+                returns[i].append(float(ep_ret[i]))
+            ep_ret[i] = 0
+    envs.close()
+    return [r for env_returns in returns for r in env_returns]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Stages
+# ----------------------------------------------------------------------------------------
+
+
+def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None):
+    """PPO as in CleanRL's ppo_procgen: collect num_steps in num_envs, GAE, update.
+    lr_fn(frames) gives each optimiser group's learning rate. after_update(obs, actions,
+    dones, frames) sees every rollout after its update (RL+SL fits its decoder there) and is
+    checkpointed with the run. Returns the last checkpoint's state."""
+    dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
+    normalize = RewardNormalizer(E, cfg.gamma)
+    state = resume_state(path, name, cfg)
+    done_frames, returns = 0, []
+    if state is not None:
+        agent.load_state_dict(state["policy"])
+        opt.load_state_dict(state["opt"])
+        normalize.load_state_dict(state["normalizer"])
+        if after_update is not None and state.get("after_update"):
+            after_update.load_state_dict(state["after_update"])
+        done_frames, returns = state["step"], state["returns"]
+    seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
+    envs = make_env(cfg.env, E, cfg.seed + done_frames)
+    log = Logger(cfg, name, frames, start=done_frames, unit="frame")
+    obs = torch.zeros(T, E, 64, 64, 3, dtype=torch.uint8, device=dev)
+    actions, logprobs, rewards, dones, values = (torch.zeros(T, E, device=dev) for _ in range(5))
+    next_obs, next_done = envs.reset()["rgb"], torch.zeros(E, device=dev)
+    ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=int)
+    last_save = time.time()
+    while done_frames < frames:
+        set_lr(opt, *lr_fn(done_frames))
+        agent.eval()
+        for t in range(T):
+            obs[t] = torch.as_tensor(next_obs).to(dev, non_blocking=True)
+            dones[t] = next_done
+            with torch.no_grad(), autocast(cfg):
+                logits, value = agent(to_input(obs[t], dev))
+            pi = torch.distributions.Categorical(logits=logits.float())
+            action = pi.sample()
+            actions[t], logprobs[t], values[t] = action, pi.log_prob(action), value.float()
+            next_obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
+            next_obs = next_obs["rgb"]
+            ep_ret, ep_len = ep_ret + reward, ep_len + 1
+            for i in np.flatnonzero(done):
+                returns.append(float(ep_ret[i]))
+                log.log(done_frames + t * E + i, episode_return=float(ep_ret[i]),
+                        episode_length=int(ep_len[i]))
+            ep_ret[done], ep_len[done] = 0, 0
+            rewards[t] = torch.as_tensor(normalize(reward, done), device=dev)
+            next_done = torch.as_tensor(done, device=dev, dtype=torch.float32)
+        done_frames += T * E
+        with torch.no_grad(), autocast(cfg):
+            _, next_value = agent(to_input(next_obs, dev))
+        adv, ret = gae(rewards, values, dones, next_value.float(), next_done, cfg.gamma, cfg.gae_lambda)
+        batch = dict(obs=obs.flatten(0, 1), actions=actions.flatten().long(), logprobs=logprobs.flatten(),
+                     advantages=adv.flatten(), returns=ret.flatten(), values=values.flatten())
+        metrics = ppo_update(cfg, agent, opt, batch, ent_coef)
+        if after_update is not None:
+            metrics.update(after_update(obs, actions, dones, done_frames))
+        log.log(done_frames, return_100=float(np.mean(returns[-100:])) if returns else float("nan"),
+                **metrics)
+        if time.time() - last_save > cfg.ckpt_every_s or done_frames >= frames:
+            state = dict(policy=agent.state_dict(), opt=opt.state_dict(), step=done_frames,
+                         normalizer=normalize.state_dict(), returns=returns[-1000:],
+                         after_update=after_update.state_dict() if after_update else None)
+            save_checkpoint(path, **state, config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    envs.close()
+    return state
+
+
+def evaluate_and_finish(cfg, path, agent, kind, t0, step, **results):
+    """The last act of every stage that makes a policy: play it, and save it as finished."""
+    results.update(return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes)),
+                   minutes=(time.time() - t0) / 60)
+    save_checkpoint(path, kind=kind, policy=agent.state_dict(), step=step, finished=True,
+                    results=results, config=dataclasses.asdict(cfg))
+    print(f"[{path.stem}] return {results['mean']:.2f} +- {results['std']:.2f} (relative "
+          f"{results['relative']:.2f}) over {results['episodes']} episodes")
+    return results
+
+
+def return_summary(cfg, returns):
+    m = float(np.mean(returns))
+    return dict(mean=m, std=float(np.std(returns)), episodes=len(returns),
+                relative=relative_return(cfg.env, m))
+
+
+def run_expert(cfg, name="expert", frames=None):
+    """Stage 0: PPO from scratch on the game for `frames` (default expert_frames). The expert
+    that makes the dataset, and (as 'ppo', for ft_frames) the baseline of online decoding."""
+    frames, path = frames or cfg.expert_frames, Path(cfg.run_dir) / f"{name}.pt"
+    state = resume_state(path, name, cfg)
+    if is_finished(state):
+        return state["results"]
+    seed_everything(cfg.seed)
+    agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+    orthogonal_init(agent.head, 0.01)  # CleanRL's PPO: a near-uniform first policy,
+    orthogonal_init(agent.value, 1.0)  # unit-scale values, and Adam's eps 1e-5
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
+    t0 = time.time()
+    state = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)],
+                frames, cfg.expert_ent, path)
+    return evaluate_and_finish(cfg, path, agent, "policy", t0, state["step"])
+
+
+def collect(cfg, random_policy=False, policy_path=None):
+    """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
+    <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
+    chunks come from other levels (another seed). Resumes by appending new chunks."""
+    agent = None
+    if not random_policy:
+        path = policy_path or Path(cfg.run_dir) / "expert.pt"
+        ckpt = load_checkpoint(path, "expert", cfg)
+        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
+        agent.load_state_dict(ckpt["policy"])
+        agent.eval()
+    for split, frames, chunk_len, seed in [("train", cfg.train_frames, TRAIN_CHUNK, 0),
+                                           ("test", cfg.test_frames, TEST_CHUNK, 1_000_000)]:
+        chunk_len = min(chunk_len, frames)
+        n_chunks = math.ceil(frames / chunk_len)
+        folder = Path(cfg.data) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for tmp in folder.glob("*.tmp.npz"):  # left by a crash mid-write
+            tmp.unlink()
+        have = len(chunk_files(folder))
+        for f in chunk_files(folder):  # a chunk that does not read is rewritten, not kept
+            try:
+                read_chunk(f)
+            except LapoError as e:
+                print(f"rewriting bad chunk: {e}")
+                have = min(have, int(f.stem))
+        if have >= n_chunks:
+            print(f"[collect] {folder} already has {have} chunks")
+            continue
+        need = (n_chunks - have) * chunk_len * FRAME_BYTES
+        free = shutil.disk_usage(folder).free
+        if need > free * 0.95:
+            raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
+                            f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
+        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, cfg.seed + seed + have)
+
+
+def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
+    """Runs num_envs games in parallel; an episode joins the chunk when it ends, so chunks are
+    episodes laid end to end (an episode may continue into the next chunk). Frames go into
+    preallocated arrays (one running episode per env, one chunk): one small array per frame
+    fragments the heap between the policy's temporaries (4x the peak memory)."""
+    E = cfg.num_envs
+    envs = make_env(cfg.env, E, seed)
+    rng = seed_everything(seed)
+    obs = envs.reset()["rgb"]
+    shapes = dict(obs=obs.shape[1:])
+    cap = 1024  # longest episode held; doubled when an episode outgrows it
+    episode = {k: np.empty((E, cap, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
+    chunk = {k: np.empty((chunk_len, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
+    length, filled, n, ep_ret, rows = np.zeros(E, int), 0, first, np.zeros(E), np.arange(E)
+    log = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
+    while n < n_chunks:
+        if agent is None:
+            action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
+        else:
+            with torch.no_grad(), autocast(cfg):
+                logits, value = agent(to_input(obs, cfg.device))
+            action = torch.distributions.Categorical(logits=logits.float()).sample().cpu().numpy()
+            value = value.float().cpu().numpy()
+        next_obs, reward, done, _ = envs.step(action.astype(np.int32))
+        ep_ret += reward
+        if length.max() == cap:
+            episode = {k: np.concatenate([v, np.empty_like(v)], 1) for k, v in episode.items()}
+            cap *= 2
+        for k, v in zip(CHUNK_KEYS, (obs, action, done, reward, ep_ret, value)):
+            episode[k][rows, length] = v
+        length += 1
+        for i in np.flatnonzero(done):  # copy the finished episode into the chunk(s)
+            start = 0
+            while start < length[i] and n < n_chunks:
+                m = min(chunk_len - filled, length[i] - start)
+                for k in CHUNK_KEYS:
+                    chunk[k][filled:filled + m] = episode[k][i, start:start + m]
+                filled, start = filled + m, start + m
+                if filled == chunk_len:
+                    write_chunk(folder / f"{n}.npz", chunk)
+                    n, filled = n + 1, 0
+                    log.log(n * chunk_len, force=True, chunk=n)
+            length[i], ep_ret[i] = 0, 0
+        obs = next_obs["rgb"]
+    envs.close()
+
+
+def stage1(cfg):
+    """Trains the latent IDM and the FDM jointly (stage1_update); every probe_every steps,
+    measures on held-out windows what the latent knows (stage1_eval)."""
+    path = Path(cfg.run_dir) / "stage1.pt"
+    state = resume_state(path, "stage1", cfg)
+    if is_finished(state):
+        return state["results"]
+    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    print(f"[stage1] {train.frames} train frames ({len(train)} transitions), {test.frames} test frames")
+    rng = seed_everything(cfg.seed)
+    rank, world = rank_world()
+    idm = IDM(cfg, GlobalVectorQuantizerEMA if world > 1 else VectorQuantizerEMA)
+    fdm = FDM(cfg, GlobalBatchNorm2d if world > 1 else nn.BatchNorm2d)
+    idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in (idm, fdm))
+    opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()], lr=cfg.s1_lr)
+    step = 0
+    if state is not None:
+        idm.load_state_dict(state["idm"]), fdm.load_state_dict(state["fdm"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        rng = seed_everything(cfg.seed + step)
+    idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
+    probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
+    probe_obs, probe_ta = test.get(probe_idx)
+    probe_ta = torch.as_tensor(probe_ta)
+    bars = (state or {}).get("results", {}).get("bars") or stage1_bars(cfg, probe_obs, probe_ta)
+    log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
+    last_save, t0, results = time.time(), time.time(), {}
+    while step < cfg.s1_steps:
+        if step % cfg.probe_every == 0:
+            results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta)
+            bars.setdefault("probe_untrained", results["probe_la"])
+            log.log(step, force=True, **results, **bars)
+        obs, _ = train.sample(rng, cfg.s1_batch, rank, world)
+        metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(obs, cfg.device), step)
+        step += 1
+        log.log(step, **metrics)
+        finished = step == cfg.s1_steps
+        if time.time() - last_save > cfg.ckpt_every_s or finished:
+            if finished:
+                results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta)
+                log.log(step, force=True, **results, **bars)
+                results.update(minutes=(time.time() - t0) / 60, **bars)
+            save_checkpoint(path, idm=idm.state_dict(), fdm=fdm.state_dict(), opt=opt.state_dict(),
+                            step=step, finished=finished, results=dict(results, bars=bars),
+                            config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    if rank == 0:
+        print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
+              f"vs majority {bars['majority']:.3f}, frame difference {bars['probe_frame_diff']:.3f}; "
+              f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
+    return results
+
+
+def stage1_bars(cfg, obs, ta):
+    """What a latent action must beat to be worth anything: the majority class, and the same
+    probe fed the raw frame difference o_{t+1} - o_t (full resolution)."""
+    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    return dict(majority=torch.bincount(ta).max().item() / len(ta),
+                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps))
+
+
+@torch.no_grad()
+def stage1_eval(cfg, idm, fdm, obs, ta):
+    """On held-out windows: the probe on the latent (continuous and quantised); the FDM's
+    error against copying o_t, and with latents shuffled across the batch (if that is no
+    worse, the FDM ignores the latent); codebook perplexity and live codes."""
+    la, la_q = latent_actions(cfg, idm, obs)
+    _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
+    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
+    fdm.eval()
+    with autocast(cfg):
+        pred = fdm(x[:, :6], la_x).float()
+        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
+    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
+                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
+                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
+                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
+                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
+                test_perplexity=perplexity.item(),
+                live_codes=min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks)))
+
+
+def load_idm(cfg):
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage1.pt", "stage1", cfg)
+    idm = IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
+    idm.load_state_dict(ckpt["idm"])
+    return idm.eval().requires_grad_(False)
+
+
+def stage2(cfg):
+    """Latent behaviour cloning (stage2_update); the IDM is frozen, its latents are targets."""
+    path = Path(cfg.run_dir) / "stage2.pt"
+    state = resume_state(path, "stage2", cfg)
+    if is_finished(state):
+        return state["results"]
+    idm = load_idm(cfg)
+    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    rng = seed_everything(cfg.seed)
+    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
+    step = 0
+    if state is not None:
+        policy.load_state_dict(state["policy"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+        rng = seed_everything(cfg.seed + step)
+    rank, world = rank_world()
+    policy_ddp = DDP(policy) if world > 1 else policy
+    test_obs, _ = test.sample(np.random.default_rng(cfg.seed), 512)
+    test_x = to_input(test_obs, cfg.device)
+    with torch.no_grad(), autocast(cfg):
+        test_la, _, _, _ = idm(test_x)
+    test_la = test_la.float()
+    # predicting the mean latent is the bar: the policy must beat it
+    results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
+    log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
+    last_save, t0 = time.time(), time.time()
+    while step < cfg.s2_steps:
+        obs, _ = train.sample(rng, cfg.s2_batch, rank, world)
+        metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(obs, cfg.device), step)
+        step += 1
+        finished = step == cfg.s2_steps
+        if step % 100 == 0 or finished:
+            policy.eval()
+            with torch.no_grad(), autocast(cfg):
+                la_pred, _ = policy(test_x[:, 3:6])
+            metrics["test_loss"] = F.mse_loss(la_pred.float(), test_la).item()
+        log.log(step, **metrics)
+        if time.time() - last_save > cfg.ckpt_every_s or finished:
+            if finished:
+                results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
+            save_checkpoint(path, policy=policy.state_dict(), opt=opt.state_dict(), step=step,
+                            finished=finished, results=results, config=dataclasses.asdict(cfg))
+            last_save = time.time()
+    if rank == 0:
+        print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
+              f"(predicting the mean latent: {results['mean_baseline_mse']:.4f})")
+    return results
+
+
+def load_latent_policy(cfg):
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
+    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
+    policy.load_state_dict(ckpt["policy"])
+    return policy
+
+
+def decode(cfg, labels=None, bc=False):
+    """Offline decoding: fits a decoder latent action -> true action on `labels` labelled
+    transitions (IDM latents of those transitions), then plays latent policy + decoder.
+    bc=True is the baseline: the same policy network trained from scratch by behaviour
+    cloning on the same labelled frames."""
+    labels = labels or cfg.labels
+    path = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}{seed_suffix(cfg)}.pt"
+    state = resume_state(path, "decode", cfg)
+    if is_finished(state):
+        return state["results"]
+    t0 = time.time()
+    train = Dataset(cfg.data, "train")
+    rng = seed_everything(cfg.seed)
+    obs, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
+    ta = torch.as_tensor(ta, device=cfg.device)
+    if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
+        agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+        x, trained, kind = to_input(obs[:, 1], cfg.device), agent, "policy"
+    else:  # latent action -> a_t: the rest was learnt without labels
+        agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
+        la, _ = latent_actions(cfg, load_idm(cfg), obs)
+        x, trained, kind = la.to(cfg.device), agent.decoder, "decoded"
+
+    def predict(x):  # the decoder gives logits; the BC policy gives (logits, value)
+        out = trained(x)
+        return out[0] if bc else out
+
+    opt = torch.optim.Adam(trained.parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
+    agent.train()
+    for _ in range(cfg.decode_steps):
+        i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
+        with autocast(cfg):
+            loss = F.cross_entropy(predict(x[i]).float(), ta[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad(), autocast(cfg):
+        train_acc = (predict(x).argmax(-1) == ta).float().mean().item()
+    return evaluate_and_finish(cfg, path, agent, kind, t0, cfg.decode_steps, labels=labels, train_acc=train_acc)
+
+
+def finetune(cfg, sl=True, scratch=False):
+    """Online decoding: PPO on the RL+SL policy. The conv trunk stays frozen; PPO tunes the
+    RL head, the value head and the last linear layer with the FT_RAMPS learning rates.
+    With SL, DecoderSL re-fits the decoder after updates; with sl=False (RL only), PPO trains
+    the decoder too. scratch=True is the baseline: PPO from scratch with the same frames."""
+    if scratch:
+        return run_expert(cfg, "ppo" + seed_suffix(cfg), cfg.ft_frames)
+    name = ("finetune" if sl else "finetune-rl") + seed_suffix(cfg)
+    path = Path(cfg.run_dir) / f"{name}.pt"
+    state = resume_state(path, name, cfg)
+    if is_finished(state):
+        return state["results"]
+    idm = load_idm(cfg)
+    seed_everything(cfg.seed)
+    agent = RLSLPolicy(cfg, load_latent_policy(cfg), sl).to(cfg.device, memory_format=torch.channels_last)
+    opt, lr_fn = finetune_optimizer(cfg, agent, sl)
+    t0 = time.time()
+    state = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path,
+                DecoderSL(cfg, idm, agent.decoder) if sl else None)
+    return evaluate_and_finish(cfg, path, agent, "rlsl", t0, state["step"])
+
+
+def finetune_optimizer(cfg, agent, sl):
+    """Adam over the parts PPO tunes (the decoder too when sl=False), and their learning
+    rates at a frame: FT_RAMPS, stretched by ft_schedule_scale. Adam's eps is the default
+    1e-8, as in the authors' fine-tuning."""
+    parts = dict(rl_head=[*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
+                 value=[*agent.value.parameters()], fc_rl=[*agent.fc_rl.parameters()])
+    opt = torch.optim.Adam([dict(params=parts[k]) for k in FT_RAMPS], lr=0.0)
+    s = cfg.ft_schedule_scale
+
+    def lr_fn(frames):
+        return [lr_at(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0])
+                for a, b, m in FT_RAMPS.values()]
+
+    return opt, lr_fn
+
+
+def evaluate_checkpoint(cfg, path, episodes):
+    if path == "random":
+        returns = evaluate(cfg, UniformPolicy(), episodes)
+    else:
+        stage = Path(path).stem.split("-")[0].replace("bc", "decode")
+        ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
+        if "kind" not in ckpt:
+            raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
+                            "or finetune.pt")
+        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
+        agent.load_state_dict(ckpt["policy"])
+        returns = evaluate(cfg, agent, episodes)
+    r = return_summary(cfg, returns)
+    print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
+          f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
+    return r
+
+
+def pipeline(cfg):
+    """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
+    Every stage skips itself when its checkpoint is finished, so a re-run resumes."""
+    out, minutes = {}, {}
+    for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1),
+                     ("stage2", stage2), ("decode", decode), ("finetune", finetune)]:
+        t0 = time.time()
+        print(f"=== {name} ===", flush=True)
+        out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
+    ex, s1, s2, dec, ft = (out[k] for k in ("expert", "stage1", "stage2", "decode", "finetune"))
+    rows = [
+        ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
+        ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", "collect"),
+        ("stage1 probe (latent)", f"acc {s1['probe_la']:.3f}",
+         f"majority {s1['majority']:.3f}, frame-diff probe {s1['probe_frame_diff']:.3f}", "stage1"),
+        ("stage1 probe (quantised)", f"acc {s1['probe_la_q']:.3f}",
+         f"perplexity {s1['test_perplexity']:.1f}/{cfg.vq_codes}", ""),
+        ("stage1 FDM held-out MSE", f"{s1['test_fdm_mse']:.5f}",
+         f"copy-last-frame {s1['test_copy_mse']:.5f}, shuffled latents {s1.get('test_fdm_mse_shuffled', math.nan):.5f}", ""),
+        ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.3g}", f"mean-latent {s2['mean_baseline_mse']:.3g}", "stage2"),
+        (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", "decode"),
+        (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", "finetune"),
+    ]
+    lines = [f"LAPO on {cfg.env}, preset {cfg.preset} (returns: random {RANDOM_RETURN[cfg.env]}, "
+             f"paper's expert {EXPERT_RETURN[cfg.env]}; {cfg.eval_episodes} eval episodes each)",
+             f"{'stage':<34}{'result':<22}{'reference':<62}minutes"]
+    lines += [f"{a:<34}{b:<22}{c:<62}{minutes.get(m, 0):5.1f}" for a, b, c, m in rows]
+    table = "\n".join(lines)
+    write_atomic(Path(cfg.run_dir) / "results.txt", table + "\n")
+    print("\n" + table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Utilities: errors, checkpoints, metrics, torchrun
 # ----------------------------------------------------------------------------------------
 
 
@@ -646,31 +1355,6 @@ class LapoError(Exception):
 
 STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="decode",
                      finetune="finetune", ppo="finetune --scratch")  # checkpoint name -> the command that makes it
-
-
-def rank_world():
-    """(rank, number of processes): (0, 1) unless launched by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def setup_distributed(cfg):
-    """Under torchrun: join the process group, NCCL on CUDA and gloo on CPU; one GPU a rank."""
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg.device)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    rank, world = rank_world()
-    if cfg.s1_batch % world or cfg.s2_batch % world:
-        raise LapoError(f"--s1-batch and --s2-batch must be divisible by the {world} processes")
-
-
-def global_mean(x):
-    """The mean of a per-rank scalar over all ranks (what one process would have logged)."""
-    if dist.is_initialized():
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
 
 
 def save_checkpoint(path, **state):
@@ -721,9 +1405,13 @@ def resume_state(path, stage, cfg):
     ckpt = load_checkpoint(path, stage, cfg, finished=False)
     if ckpt.get("finished"):
         print(f"{path} is finished; delete it to run this stage again")
-        return ckpt
-    print(f"resuming {path} from step {ckpt['step']}")
+    else:
+        print(f"resuming {path} from step {ckpt['step']}")
     return ckpt
+
+
+def is_finished(state):
+    return state is not None and bool(state.get("finished"))
 
 
 class Logger:
@@ -752,7 +1440,6 @@ class Logger:
     def log(self, step, force=False, **metrics):
         if self.silent:
             return
-        metrics = {k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
         row = dict(step=int(step), time=round(time.time() - self.t0, 2), **metrics)
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")  # default: numpy scalars
@@ -787,855 +1474,83 @@ def seed_suffix(cfg):
     return f"-seed{cfg.seed}" if cfg.seed else ""
 
 
-def seed_checkpoints(run, name):
-    """Every seed's checkpoint of `name` in a run dir: <name>.pt, then <name>-seedS.pt."""
-    return sorted(run.glob(f"{name}.pt")) + sorted(run.glob(f"{name}-seed*.pt"))
-
-
 def lr_at(step, points, values):
     """piecewise-linear schedule through (points[i], values[i])"""
     return float(np.interp(step, points, values))
 
 
-# ----------------------------------------------------------------------------------------
-# 5. Stages
-# ----------------------------------------------------------------------------------------
-
-# --- PPO, for the expert (= PPO from scratch) and for online fine-tuning -----------------
-
-
-def gae(rewards, values, dones, next_value, next_done, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016), over a rollout of T steps.
-    dones[t] = 1 if obs[t] starts a new episode (so no bootstrapping from t into t-1)."""
-    T = len(rewards)
-    adv = torch.zeros_like(rewards)
-    last = 0
-    for t in reversed(range(T)):
-        not_done = 1.0 - (next_done if t == T - 1 else dones[t + 1])
-        next_v = next_value if t == T - 1 else values[t + 1]
-        delta = rewards[t] + gamma * next_v * not_done - values[t]
-        adv[t] = last = delta + gamma * lam * not_done * last
-    return adv, adv + values
+def set_lr(opt, *lrs):
+    """One learning rate for every group, or one per group."""
+    for g, lr in zip(opt.param_groups, lrs * len(opt.param_groups) if len(lrs) == 1 else lrs):
+        g["lr"] = lr
 
 
-def ppo(cfg, stage, agent, opt, lr_fn, frames, ent_coef, ckpt, on_rollout=None):
-    """PPO (Schulman et al. 2017) as in CleanRL's ppo_procgen: collect num_steps in num_envs,
-    GAE, then epochs x minibatches of the clipped objective. lr_fn(frames) gives the learning
-    rate of each optimiser group. on_rollout(obs, actions, dones, frames) sees every rollout
-    (fine-tuning trains its decoder there). Returns the returns of the last 100 episodes."""
-    dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
-    normalize = RewardNormalizer(E, cfg.gamma)
-    state = resume_state(ckpt, stage, cfg)
-    done_frames, returns = 0, []
-    if state is not None:
-        agent.load_state_dict(state["policy"])
-        opt.load_state_dict(state["opt"])
-        normalize.load_state_dict(state["normalizer"])
-        done_frames, returns = state["step"], state["returns"]
-    seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
-    envs = make_env(cfg.env, E, cfg.seed + done_frames)
-    log = Logger(cfg, stage, frames, start=done_frames, unit="frame")
-    obs_buf = torch.zeros(T, E, 64, 64, 3, dtype=torch.uint8, device=dev)
-    actions, logprobs, rewards, dones, values = (torch.zeros(T, E, device=dev) for _ in range(5))
-    next_obs, next_done = envs.reset()["rgb"], torch.zeros(E, device=dev)
-    ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=int)
-    last_save = time.time()
-    while done_frames < frames:
-        for g, lr in zip(opt.param_groups, lr_fn(done_frames)):
-            g["lr"] = lr
-        agent.eval()
-        for t in range(T):
-            obs_buf[t] = torch.as_tensor(next_obs).to(dev, non_blocking=True)
-            dones[t] = next_done
-            with torch.no_grad(), autocast(cfg):
-                logits, value = agent(to_input(obs_buf[t], dev))
-            pi = torch.distributions.Categorical(logits=logits.float())
-            action = pi.sample()
-            actions[t], logprobs[t], values[t] = action, pi.log_prob(action), value.float()
-            next_obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
-            next_obs = next_obs["rgb"]
-            ep_ret, ep_len = ep_ret + reward, ep_len + 1
-            for i in np.flatnonzero(done):
-                returns.append(float(ep_ret[i]))
-                log.log(done_frames + t * E + i, episode_return=float(ep_ret[i]),
-                        episode_length=int(ep_len[i]))
-            ep_ret[done], ep_len[done] = 0, 0
-            rewards[t] = torch.as_tensor(normalize(reward, done), device=dev)
-            next_done = torch.as_tensor(done, device=dev, dtype=torch.float32)
-        done_frames += T * E
-        with torch.no_grad(), autocast(cfg):
-            next_value = agent(to_input(next_obs, dev))[1].float()
-        adv, ret = gae(rewards, values, dones, next_value, next_done, cfg.gamma, cfg.gae_lambda)
-        if on_rollout is not None:
-            on_rollout(obs_buf, actions, dones, done_frames)
-
-        agent.train()
-        b_obs, b_act, b_logp = obs_buf.flatten(0, 1), actions.flatten().long(), logprobs.flatten()
-        b_adv, b_ret, b_val = adv.flatten(), ret.flatten(), values.flatten()
-        mb = T * E // cfg.minibatches
-        for _ in range(cfg.epochs):
-            for idx in torch.randperm(T * E, device=dev).split(mb):
-                with autocast(cfg):
-                    logits, value = agent(to_input(b_obs[idx], dev))
-                pi = torch.distributions.Categorical(logits=logits.float())
-                ratio = (pi.log_prob(b_act[idx]) - b_logp[idx]).exp()
-                a = (b_adv[idx] - b_adv[idx].mean()) / (b_adv[idx].std() + 1e-8)
-                pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
-                value = value.float()  # clipped value loss, as in the paper's PPO
-                v_clipped = b_val[idx] + (value - b_val[idx]).clamp(-cfg.clip, cfg.clip)
-                v_loss = 0.5 * torch.max((value - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
-                entropy = pi.entropy().mean()
-                loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * entropy
-                check_finite(loss, f"{stage} PPO loss")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
-                opt.step()
-        recent = returns[-100:]
-        log.log(done_frames, force=False, pg_loss=pg_loss.item(), v_loss=v_loss.item(),
-                entropy=entropy.item(), return_100=float(np.mean(recent)) if recent else float("nan"))
-        if time.time() - last_save > cfg.ckpt_every_s or done_frames >= frames:
-            save_checkpoint(ckpt, policy=agent.state_dict(), opt=opt.state_dict(),
-                            normalizer=normalize.state_dict(), step=done_frames,
-                            returns=returns[-1000:], config=dataclasses.asdict(cfg))
-            last_save = time.time()
-    envs.close()
-    return returns[-100:]
+def trained_params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
 
 
-def evaluate(cfg, agent, episodes, seed=10_000):
-    """Plays `episodes` episodes on the full level distribution (levels unseen in training:
-    another seed), sampling actions from the policy. Returns the list of episode returns.
-    Each env plays exactly its share of episodes, so short episodes are not favoured."""
-    n_envs = min(episodes, 64)
-    quota = math.ceil(episodes / n_envs)
-    envs = make_env(cfg.env, n_envs, cfg.seed + seed)
-    torch.manual_seed(cfg.seed + seed)
-    obs, ep_ret = envs.reset()["rgb"], np.zeros(n_envs)
-    returns = [[] for _ in range(n_envs)]
-    agent.eval()
-    while min(len(r) for r in returns) < quota:
-        with torch.no_grad(), autocast(cfg):
-            logits = agent(to_input(obs, cfg.device))[0]
-        action = torch.distributions.Categorical(logits=logits.float()).sample()
-        obs, reward, done, _ = envs.step(action.cpu().numpy().astype(np.int32))
-        obs, ep_ret = obs["rgb"], ep_ret + reward
-        for i in np.flatnonzero(done):
-            if len(returns[i]) < quota:
-                returns[i].append(float(ep_ret[i]))
-            ep_ret[i] = 0
-    envs.close()
-    return [r for env_returns in returns for r in env_returns]
+# torchrun: stages 1 and 2 run as N processes that take the step one process would take on
+# the global batch. DDP averages the gradients; the two statistics that look at the batch,
+# BatchNorm's and the EMA codebook's, are summed over the processes by these two classes.
 
 
-def return_summary(cfg, returns):
-    m = float(np.mean(returns))
-    return dict(mean=m, std=float(np.std(returns)), episodes=len(returns),
-                relative=relative_return(cfg.env, m))
+def rank_world():
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def run_expert(cfg, stage="expert", frames=None):
-    """Stage 0: PPO from scratch on the game for `frames` (default expert_frames). The expert
-    that makes the dataset, and (as stage 'ppo', ft_frames) the baseline of claim 3."""
-    frames = frames or cfg.expert_frames
-    ckpt = Path(cfg.run_dir) / f"{stage}.pt"
-    state = resume_state(ckpt, stage, cfg)
-    if state is not None and state.get("finished"):
-        return state["results"]
-    seed_everything(cfg.seed)
-    agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
-    t0 = time.time()
-    ppo(cfg, stage, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)],
-        frames, cfg.expert_ent, ckpt)
-    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
-    results["minutes"] = (time.time() - t0) / 60
-    state = torch.load(ckpt, weights_only=True)
-    save_checkpoint(ckpt, **state, kind="policy", finished=True, results=results)
-    print(f"[{stage}] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
-          f"over {results['episodes']} episodes")
-    return results
-
-
-# --- Dataset collection ------------------------------------------------------------------
-
-
-def collect(cfg, random_policy=False, policy_path=None):
-    """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
-    <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
-    chunks come from other levels (another seed). Resumes by appending new chunks."""
-    agent = None
-    if not random_policy:
-        path = policy_path or Path(cfg.run_dir) / "expert.pt"
-        ckpt = load_checkpoint(path, "expert", cfg)
-        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
-        agent.load_state_dict(ckpt["policy"])
-        agent.eval()
-    for split, frames, chunk_len, seed in [("train", cfg.train_frames, TRAIN_CHUNK, 0),
-                                           ("test", cfg.test_frames, TEST_CHUNK, 1_000_000)]:
-        chunk_len = min(chunk_len, frames)
-        n_chunks = math.ceil(frames / chunk_len)
-        folder = Path(cfg.data) / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for tmp in folder.glob("*.tmp.npz"):  # left by a crash mid-write
-            tmp.unlink()
-        have = len(chunk_files(folder))
-        for f in chunk_files(folder):  # a chunk that does not read is rewritten, not kept
-            try:
-                read_chunk(f)
-            except LapoError as e:
-                print(f"rewriting bad chunk: {e}")
-                have = min(have, int(f.stem))
-        if have >= n_chunks:
-            print(f"[collect] {folder} already has {have} chunks")
-            continue
-        need = (n_chunks - have) * chunk_len * FRAME_BYTES
-        free = shutil.disk_usage(folder).free
-        if need > free * 0.95:
-            raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
-                            f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
-        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, cfg.seed + seed + have)
-
-
-def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
-    """Runs num_envs games in parallel; an episode joins the chunk when it ends, so each chunk
-    is whole runs of consecutive frames. Frames go into preallocated arrays (one running
-    episode per env, one chunk): one small array per frame fragmented the heap between the
-    policy's large temporaries (6.7 GB peak RSS at the cpu preset, against 1.75 GB now)."""
-    E = cfg.num_envs
-    envs = make_env(cfg.env, E, seed)
-    rng = seed_everything(seed)
-    obs = envs.reset()["rgb"]
-    shapes = dict(obs=obs.shape[1:])
-    cap = 1024  # longest episode held; doubled when an episode outgrows it
-    episode = {k: np.empty((E, cap, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
-    chunk = {k: np.empty((chunk_len, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
-    length, filled, n, ep_ret, rows = np.zeros(E, int), 0, first, np.zeros(E), np.arange(E)
-    log = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
-    while n < n_chunks:
-        if agent is None:
-            action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
-        else:
-            with torch.no_grad(), autocast(cfg):
-                logits, value = agent(to_input(obs, cfg.device))
-            action = torch.distributions.Categorical(logits=logits.float()).sample().cpu().numpy()
-            value = value.float().cpu().numpy()
-        next_obs, reward, done, _ = envs.step(action.astype(np.int32))
-        ep_ret += reward
-        if length.max() == cap:
-            episode = {k: np.concatenate([v, np.empty_like(v)], 1) for k, v in episode.items()}
-            cap *= 2
-        for k, v in zip(CHUNK_KEYS, (obs, action, done, reward, ep_ret, value)):
-            episode[k][rows, length] = v
-        length += 1
-        for i in np.flatnonzero(done):  # copy the finished episode into the chunk(s)
-            start = 0
-            while start < length[i] and n < n_chunks:
-                m = min(chunk_len - filled, length[i] - start)
-                for k in CHUNK_KEYS:
-                    chunk[k][filled:filled + m] = episode[k][i, start:start + m]
-                filled, start = filled + m, start + m
-                if filled == chunk_len:
-                    write_chunk(folder / f"{n}.npz", chunk)
-                    n, filled = n + 1, 0
-                    log.log(n * chunk_len, force=True, chunk=n)
-            length[i], ep_ret[i] = 0, 0
-        obs = next_obs["rgb"]
-    envs.close()
-
-
-# --- Stage 1: latent IDM + FDM ------------------------------------------------------------
-
-
-def probe_accuracy(x, y, steps, seed=0):
-    """How much of the true action can be read from features x: an MLP (128, 128) fitted on
-    the first half, accuracy on the second half. Labels are used for this evaluation only."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(x) // 2
-    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
-    torch.manual_seed(seed)
-    net = mlp(x.shape[1], 128, 128, NUM_ACTIONS)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    with torch.enable_grad():
-        for _ in range(steps):
-            i = torch.randint(n, (256,), generator=g)
-            loss = F.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
-
-
-def idm_fdm_loss(idm, fdm, x):
-    """x (B, 9, 64, 64) = (o_{t-1}, o_t, o_{t+1}). The IDM sees all three frames; the FDM sees
-    the first two and the quantised latent action of this very transition."""
-    la, la_q, commitment, perplexity = idm(x)
-    fdm_loss = F.mse_loss(fdm(x[:, :6], la_q).float(), x[:, 6:])
-    return fdm_loss, commitment, perplexity
-
-
-@torch.no_grad()
-def latent_actions(cfg, idm, windows, batch=256):
-    """IDM latent actions (continuous, quantised) for uint8 windows (N, 3, 64, 64, 3)."""
-    idm.eval()
-    la, la_q = [], []
-    for i in range(0, len(windows), batch):
-        with autocast(cfg):
-            out = idm(to_input(windows[i : i + batch], cfg.device))
-        la.append(out[0].float().cpu())
-        la_q.append(out[1].float().cpu())
-    return torch.cat(la), torch.cat(la_q)
-
-
-def stage1(cfg):
-    """Trains the latent IDM and the FDM jointly: loss = MSE(FDM(o_{t-1}, o_t, vq(IDM(...))),
-    o_{t+1}) + commitment. No action labels are used, except by the probe."""
-    ckpt_path = Path(cfg.run_dir) / "stage1.pt"
-    state = resume_state(ckpt_path, "stage1", cfg)
-    if state is not None and state.get("finished"):
-        return state["results"]
-    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
-    print(f"[stage1] {train.frames} train frames ({len(train)} transitions), "
-          f"{test.frames} test frames")
-    rng = seed_everything(cfg.seed)
-    idm = IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
-    fdm = FDM(cfg).to(cfg.device, memory_format=torch.channels_last)
-    params = [*idm.parameters(), *fdm.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.s1_lr)
-    step = 0
-    if state is not None:
-        idm.load_state_dict(state["idm"]), fdm.load_state_dict(state["fdm"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        rng = seed_everything(cfg.seed + step)
+def setup_distributed(cfg):
+    """Under torchrun: join the process group, NCCL on CUDA and gloo on CPU; one GPU a rank."""
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     rank, world = rank_world()
-    idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
-
-    # The probe's data: fixed held-out windows. Its bars: the majority class, and the same
-    # probe on the raw frame difference o_{t+1} - o_t (what a latent must beat to be useful).
-    probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
-    probe_obs, probe_ta = test.get(probe_idx)
-    probe_ta = torch.as_tensor(probe_ta)
-    if state is None:
-        majority = torch.bincount(probe_ta, minlength=NUM_ACTIONS).max().item() / len(probe_ta)
-        diff = (torch.as_tensor(probe_obs[:, 2, ::2, ::2]).float()
-                - torch.as_tensor(probe_obs[:, 1, ::2, ::2]).float()).flatten(1) / 255
-        baseline = dict(majority=majority, probe_frame_diff=probe_accuracy(diff, probe_ta, cfg.probe_steps))
-    else:
-        baseline = state["results"]["baseline"]
-    probe_time = 0.0
-
-    def probe():
-        nonlocal probe_time
-        t = time.time()
-        la, la_q = latent_actions(cfg, idm, probe_obs)
-        test_obs, _ = test.sample(np.random.default_rng(step), cfg.s1_batch)
-        with torch.no_grad(), autocast(cfg):
-            x = to_input(test_obs, cfg.device)
-            fdm.eval()
-            test_mse = idm_fdm_loss(idm, fdm, x)[0].item()
-            copy_mse = F.mse_loss(x[:, 3:6], x[:, 6:]).item()
-        perplexity = idm.vq(la.to(cfg.device))[2].item()  # code usage over the whole probe set
-        out = dict(probe_la=probe_accuracy(la, probe_ta, cfg.probe_steps),
-                   probe_la_q=probe_accuracy(la_q, probe_ta, cfg.probe_steps),
-                   test_fdm_mse=test_mse, test_copy_mse=copy_mse, test_perplexity=perplexity)
-        probe_time += time.time() - t
-        return out
-
-    log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
-    warmup = min(50, cfg.s1_steps // 2)
-    last_save, t0, results = time.time(), time.time(), {}
-    while step < cfg.s1_steps:
-        if step % cfg.probe_every == 0:
-            results = probe()
-            if step == 0:  # the same probe on the untrained IDM
-                baseline["probe_untrained"] = results["probe_la"]
-            log.log(step, force=True, **results, **baseline)
-        idm.train(), fdm.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])
-        obs, _ = train.sample(rng, cfg.s1_batch, rank, world)
-        with autocast(cfg):
-            fdm_loss, commitment, perplexity = idm_fdm_loss(idm_ddp, fdm_ddp, to_input(obs, cfg.device))
-        loss = fdm_loss + commitment
-        fdm_loss = global_mean(fdm_loss)
-        check_finite(global_mean(loss), "stage1 loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 2.0)
-        opt.step()
-        step += 1
-        log.log(step, fdm_loss=fdm_loss.item(), commitment=commitment.item(),
-                perplexity=perplexity.item())
-        if time.time() - last_save > cfg.ckpt_every_s or step == cfg.s1_steps:
-            finished = step == cfg.s1_steps
-            if finished:
-                results = probe()
-                log.log(step, force=True, **results, **baseline)
-                results.update(baseline=baseline, minutes=(time.time() - t0) / 60,
-                               probe_share=probe_time / (time.time() - t0), **baseline)
-            save_checkpoint(ckpt_path, idm=idm.state_dict(), fdm=fdm.state_dict(),
-                            opt=opt.state_dict(), step=step, finished=finished,
-                            results=dict(results, baseline=baseline), config=dataclasses.asdict(cfg))
-            last_save = time.time()
-    if rank == 0:
-        print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
-              f"vs majority {baseline['majority']:.3f}, frame difference {baseline['probe_frame_diff']:.3f}; "
-              f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
-    return results
+    if cfg.s1_batch % world or cfg.s2_batch % world:
+        raise LapoError(f"--s1-batch and --s2-batch must be divisible by the {world} processes")
 
 
-def load_idm(cfg):
-    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage1.pt", "stage1", cfg)
-    idm = IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
-    idm.load_state_dict(ckpt["idm"])
-    return idm.eval().requires_grad_(False)
+def global_mean(x):
+    """The mean of a per-rank scalar over all ranks (what one process would have logged)."""
+    if dist.is_initialized():
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
 
 
-# --- Stage 2: latent behaviour cloning -----------------------------------------------------
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span all ranks (nn.SyncBatchNorm does this on GPUs only)."""
 
-
-def stage2(cfg):
-    """The latent policy pi(o_t) regresses the IDM's continuous latent action for
-    (o_{t-1}, o_t, o_{t+1}) with MSE. The IDM is frozen: its latents are targets only."""
-    ckpt_path = Path(cfg.run_dir) / "stage2.pt"
-    state = resume_state(ckpt_path, "stage2", cfg)
-    if state is not None and state.get("finished"):
-        return state["results"]
-    idm = load_idm(cfg)
-    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
-    rng = seed_everything(cfg.seed)
-    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
-    step = 0
-    if state is not None:
-        policy.load_state_dict(state["policy"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
-        rng = seed_everything(cfg.seed + step)
-    rank, world = rank_world()
-    policy_ddp = DDP(policy) if world > 1 else policy
-    test_obs, _ = test.sample(np.random.default_rng(cfg.seed), 512)
-    test_x = to_input(test_obs, cfg.device)
-    with torch.no_grad(), autocast(cfg):
-        test_la = idm(test_x)[0].float()
-    # predicting the mean latent is the bar: the policy must beat it
-    results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
-    log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
-    warmup = min(1000, cfg.s2_steps // 2)
-    last_save, t0 = time.time(), time.time()
-    while step < cfg.s2_steps:
-        policy.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0])
-        obs, _ = train.sample(rng, cfg.s2_batch, rank, world)
-        x = to_input(obs, cfg.device)
-        with torch.no_grad(), autocast(cfg):
-            la = idm(x)[0].float()
-        with autocast(cfg):
-            pred = policy_ddp(x[:, 3:6])[0]  # o_t alone
-        loss = F.mse_loss(pred.float(), la)
-        check_finite(global_mean(loss), "stage2 loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        metrics = dict(loss=global_mean(loss).item())
-        if step % 100 == 0 or step == cfg.s2_steps:
-            policy.eval()
-            with torch.no_grad(), autocast(cfg):
-                metrics["test_loss"] = F.mse_loss(policy(test_x[:, 3:6])[0].float(), test_la).item()
-        log.log(step, **metrics)
-        if time.time() - last_save > cfg.ckpt_every_s or step == cfg.s2_steps:
-            finished = step == cfg.s2_steps
-            if finished:
-                results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
-            save_checkpoint(ckpt_path, policy=policy.state_dict(), opt=opt.state_dict(),
-                            step=step, finished=finished, results=results,
-                            config=dataclasses.asdict(cfg))
-            last_save = time.time()
-    if rank == 0:
-        print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
-              f"(predicting the mean latent: {results['mean_baseline_mse']:.4f})")
-    return results
-
-
-def load_latent_policy(cfg):
-    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
-    policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
-    policy.load_state_dict(ckpt["policy"])
-    return policy
-
-
-# --- Stage 3, offline: decode with a few labels -------------------------------------------
-
-
-def decode(cfg, labels=None, bc=False):
-    """Fits a decoder latent action -> true action on `labels` labelled transitions (IDM
-    latents of those transitions), then plays latent policy + decoder in the game.
-    bc=True is the baseline: a policy of the same architecture trained from scratch by
-    behaviour cloning on the same labelled frames."""
-    labels = labels or cfg.labels
-    ckpt = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}{seed_suffix(cfg)}.pt"
-    state = resume_state(ckpt, "decode", cfg)
-    if state is not None and state.get("finished"):
-        return state["results"]
-    t0 = time.time()
-    train = Dataset(cfg.data, "train")
-    rng = seed_everything(cfg.seed)
-    obs, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
-    ta = torch.as_tensor(ta, device=cfg.device)
-    if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
-        agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        x, fit, kind = to_input(obs[:, 1], cfg.device), agent, "policy"
-        predict = lambda x: agent(x)[0]  # noqa: E731
-    else:  # latent action -> a_t: the rest was learnt without labels
-        agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
-        x, fit, kind = latent_actions(cfg, load_idm(cfg), obs)[0].to(cfg.device), agent.decoder, "decoded"
-        predict = agent.decoder
-    opt = torch.optim.Adam(fit.parameters(), lr=1e-3, weight_decay=1e-4)
-    agent.train()
-    for _ in range(cfg.decode_steps):
-        i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
-        with autocast(cfg):
-            loss = F.cross_entropy(predict(x[i]).float(), ta[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad(), autocast(cfg):
-        train_acc = (predict(x).argmax(-1) == ta).float().mean().item()
-    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
-    results.update(labels=labels, train_acc=train_acc, minutes=(time.time() - t0) / 60)
-    save_checkpoint(ckpt, kind=kind, policy=agent.state_dict(), step=cfg.decode_steps,
-                    finished=True, results=results, config=dataclasses.asdict(cfg))
-    print(f"[{ckpt.stem}] return {results['mean']:.2f} +- {results['std']:.2f} "
-          f"(relative {results['relative']:.2f}) over {results['episodes']} episodes")
-    return results
-
-
-# --- Stage 3, online: PPO fine-tuning, RL + SL ----------------------------------------------
-
-
-def finetune(cfg, sl=True, scratch=False):
-    """PPO on the RL+SL policy. The conv trunk stays frozen; PPO tunes the RL head, the value
-    head and the last linear layer, each with a learning rate that ramps up from 0 (the
-    paper's schedule, in frames, stretched by ft_schedule_scale). With SL, the decoder is
-    re-fitted from scratch on (IDM latent, action taken) pairs gathered online between 10k
-    and 400k frames; with --no-sl, PPO trains the decoder too. --scratch is the baseline:
-    PPO from scratch (the expert's recipe) with the same frame budget."""
-    if scratch:
-        return run_expert(cfg, "ppo" + seed_suffix(cfg), cfg.ft_frames)
-    stage = ("finetune" if sl else "finetune-rl") + seed_suffix(cfg)
-    ckpt = Path(cfg.run_dir) / f"{stage}.pt"
-    state = resume_state(ckpt, stage, cfg)
-    if state is not None and state.get("finished"):
-        return state["results"]
-    idm = load_idm(cfg)
-    seed_everything(cfg.seed)
-    agent = RLSLPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
-    s, lr = cfg.ft_schedule_scale, cfg.ft_lr
-    groups = [([*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
-               [0, 35e3 * s, 50e3 * s, cfg.ft_frames], [0, 0, lr / 4, 0]),
-              ([*agent.value.parameters()], [0, 25e3 * s, 50e3 * s, cfg.ft_frames], [0, 0, lr / 4, 0]),
-              ([*agent.fc_rl.parameters()], [0, 50e3 * s, 200e3 * s, cfg.ft_frames], [0, 0, lr / 10, 0])]
-    opt = torch.optim.Adam([dict(params=p) for p, _, _ in groups], lr=0.0, eps=1e-5)
-    pairs_la, pairs_ta, updates = [], [], 0
-
-    def on_rollout(obs, actions, dones, frames):
-        """Labels this rollout's transitions with the IDM, then re-fits the decoder."""
-        nonlocal updates
-        updates += 1
-        if not sl or frames > 400e3 * s:
-            return
-        T = len(obs)
-        t = torch.arange(1, T - 1, device=obs.device)
-        windows = torch.stack([obs[t - 1], obs[t], obs[t + 1]], 2)  # (T-2, E, 3, 64, 64, 3)
-        valid = ((dones[t] == 0) & (dones[t + 1] == 0)).flatten().cpu()  # same episode
-        la = latent_actions(cfg, idm, windows.flatten(0, 1)[valid.to(obs.device)])[0]
-        pairs_la.append(la), pairs_ta.append(actions[1:-1].flatten()[valid.to(obs.device)].long().cpu())
-        if frames < 10e3 * s or (frames > 50e3 * s and updates % 20):
-            return
-        x, y = torch.cat(pairs_la).to(cfg.device), torch.cat(pairs_ta).to(cfg.device)
-        for layer in agent.decoder:  # from scratch each time: the policy has moved on
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        dec_opt = torch.optim.Adam(agent.decoder.parameters())
-        with torch.enable_grad():
-            for _ in range(3):
-                for i in torch.randperm(len(x), device=cfg.device).split(512):
-                    loss = F.cross_entropy(agent.decoder(x[i]), y[i], label_smoothing=0.05)
-                    dec_opt.zero_grad()
-                    loss.backward()
-                    dec_opt.step()
-
-    t0 = time.time()
-    ppo(cfg, stage, agent, opt, lambda f: [lr_at(f, p, v) for _, p, v in groups],
-        cfg.ft_frames, cfg.ft_ent, ckpt, on_rollout)
-    results = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
-    results["minutes"] = (time.time() - t0) / 60
-    state = torch.load(ckpt, weights_only=True)
-    save_checkpoint(ckpt, **state, kind="rlsl", finished=True, results=results)
-    print(f"[{stage}] return {results['mean']:.2f} (relative {results['relative']:.2f}) "
-          f"over {results['episodes']} episodes")
-    return results
-
-
-# --- Evaluation and the whole pipeline ----------------------------------------------------
-
-
-def evaluate_checkpoint(cfg, path, episodes):
-    if path == "random":
-        returns = evaluate(cfg, UniformPolicy(), episodes)
-    else:
-        stage = Path(path).stem.split("-")[0].replace("bc", "decode")
-        ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
-        if "kind" not in ckpt:
-            raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
-                            "or finetune.pt")
-        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
-        agent.load_state_dict(ckpt["policy"])
-        returns = evaluate(cfg, agent, episodes)
-    r = return_summary(cfg, returns)
-    print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
-          f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
-    return r
-
-
-def pipeline(cfg):
-    """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
-    Every stage skips itself when its checkpoint is finished, so a re-run resumes."""
-    t = {}
-    for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1),
-                     ("stage2", stage2), ("decode", decode), ("finetune", finetune)]:
-        t0 = time.time()
-        print(f"=== {name} ===", flush=True)
-        t[name] = (fn(cfg), (time.time() - t0) / 60)
-    (ex, ex_t), (_, col_t), (s1, s1_t), (s2, s2_t), (dec, dec_t), (ft, ft_t) = t.values()
-    rnd, exp = RANDOM_RETURN[cfg.env], EXPERT_RETURN[cfg.env]
-    rows = [
-        ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", ex_t),
-        ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", col_t),
-        ("stage1 probe (latent)", f"acc {s1['probe_la']:.3f}",
-         f"majority {s1['majority']:.3f}, frame-diff probe {s1['probe_frame_diff']:.3f}", s1_t),
-        ("stage1 probe (quantised)", f"acc {s1['probe_la_q']:.3f}",
-         f"perplexity {s1['test_perplexity']:.1f}/{cfg.vq_codes}", 0),
-        ("stage1 FDM held-out MSE", f"{s1['test_fdm_mse']:.5f}", f"copy-last-frame {s1['test_copy_mse']:.5f}", 0),
-        ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.3g}", f"mean-latent {s2['mean_baseline_mse']:.3g}", s2_t),
-        (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", dec_t),
-        (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", ft_t),
-    ]
-    lines = [f"LAPO on {cfg.env}, preset {cfg.preset} (returns: random {rnd}, expert {exp}; "
-             f"{cfg.eval_episodes} eval episodes each)",
-             f"{'stage':<34}{'result':<22}{'reference':<48}minutes"]
-    lines += [f"{a:<34}{b:<22}{c:<48}{m:5.1f}" for a, b, c, m in rows]
-    table = "\n".join(lines)
-    write_atomic(Path(cfg.run_dir) / "results.txt", table + "\n")
-    print("\n" + table)
-    return table
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
-
-
-def plot(cfg):
-    """PNGs of a run in <run_dir>/plots: the three claims' curves, FDM predictions next to the
-    true next frames, and a 2-D projection (PCA) of latent actions coloured by true action."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LapoError("plot needs matplotlib: pip install matplotlib") from None
-    run, out = Path(cfg.run_dir), Path(cfg.run_dir) / "plots"
-    out.mkdir(exist_ok=True)
-    made = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        made.append(str(out / name))
-
-    rows = [r for r in read_jsonl(run / "stage1.jsonl") if "probe_la" in r]
-    if rows:  # claim 1
-        fig, ax = plt.subplots(figsize=(6, 4))
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
-        ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent")
-        for key, style in [("majority", ":"), ("probe_frame_diff", "--"), ("probe_untrained", "-.")]:
-            ax.axhline(rows[-1][key], color="gray", ls=style, label=key.replace("probe_", ""))
-        ax.set(xlabel="stage-1 step", ylabel="held-out action accuracy of the probe",
-               title=f"Claim 1: latent actions carry the true action ({cfg.env})")
-        ax.legend()
-        save(fig, "claim1_probe.png")
-    ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc")})
-    if ns:  # claim 2: mean over seeds, bars from the worst seed to the best
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, label in (("decode", "LAPO + decoder"), ("bc", "BC from scratch")):
-            pts = []
-            for n in ns:
-                seeds = [torch.load(p, weights_only=True)["results"]["relative"]
-                         for p in seed_checkpoints(run, f"{name}-{n}")]
-                if seeds:
-                    pts.append((n, np.mean(seeds), np.min(seeds), np.max(seeds)))
-                    print(f"[plot] claim 2, {label}, {n} labels: relative return {np.mean(seeds):.2f} +- "
-                          f"{np.std(seeds):.2f} over {len(seeds)} seeds ({', '.join(f'{x:.2f}' for x in seeds)})")
-            if pts:
-                n, m, lo, hi = map(np.array, zip(*pts))
-                ax.errorbar(n, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=label)
-        ax.set(xscale="log", xlabel="labelled frames", ylabel="relative return",
-               title=f"Claim 2: offline decoding ({cfg.env})")
-        ax.legend()
-        save(fig, "claim2_offline.png")
-    methods = {"finetune": "LAPO RL+SL", "finetune-rl": "LAPO RL only", "ppo": "PPO from scratch"}
-    grid = np.linspace(0, cfg.ft_frames, 101)[1:]
-    curves = {name: [] for name in methods}  # claim 3: a curve per seed, on a common frame grid
-    for name in methods:
-        finals = []
-        for ckpt in seed_checkpoints(run, name):
-            eps = [r for r in read_jsonl(ckpt.with_suffix(".jsonl")) if "episode_return" in r]
-            if eps:
-                c = np.cumsum([0] + [e["episode_return"] for e in eps])
-                k = np.arange(1, len(eps) + 1)
-                ret = (c[k] - c[np.maximum(k - 100, 0)]) / np.minimum(k, 100)  # last <= 100 episodes
-                curves[name].append(np.interp(grid, [e["step"] for e in eps], relative_return(cfg.env, ret)))
-            state = torch.load(ckpt, weights_only=True)
-            if state.get("finished"):
-                finals.append(state["results"]["relative"])
-        if finals:  # the final evaluation, and the training curve at a fifth, half and all frames
-            at = {f: np.array(curves[name])[:, round(100 * f) - 1] for f in (0.2, 0.5, 1.0)} if curves[name] else {}
-            print(f"[plot] claim 3, {methods[name]}: final relative return {np.mean(finals):.2f} +- "
-                  f"{np.std(finals):.2f} over {len(finals)} seeds ({', '.join(f'{x:.2f}' for x in finals)}); "
-                  "training curve " + ", ".join(f"{v.mean():.2f} +- {v.std():.2f} at {f * cfg.ft_frames:,.0f}"
-                                                for f, v in at.items()))
-    if any(curves.values()):  # mean over seeds, shaded from the worst seed to the best
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, seeds in curves.items():
-            if seeds:
-                ax.plot(grid, np.mean(seeds, 0), label=f"{methods[name]} ({len(seeds)} seeds)")
-                ax.fill_between(grid, np.min(seeds, 0), np.max(seeds, 0), alpha=0.2)
-        ax.set(xlabel="environment frames", ylabel="relative return (mean of last 100 episodes)",
-               title=f"Claim 3: online fine-tuning vs PPO from scratch ({cfg.env})")
-        ax.legend()
-        save(fig, "claim3_online.png")
-    if (run / "stage1.pt").exists():  # what the FDM predicts, and what the latents encode
-        idm = load_idm(cfg)
-        ckpt = load_checkpoint(run / "stage1.pt", "stage1", cfg)
-        fdm = FDM(cfg).to(cfg.device, memory_format=torch.channels_last).eval()
-        fdm.load_state_dict(ckpt["fdm"])
-        test = Dataset(cfg.data, "test")
-        obs, ta = test.get(np.linspace(0, len(test) - 1, 2048).astype(int))
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        world = dist.get_world_size()
+        moments = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
+        mean, mean_sq = dist_fn.all_reduce(moments) / world
+        var = mean_sq - mean.pow(2)
         with torch.no_grad():
-            x = to_input(obs[:6], cfg.device)
-            pred = (fdm(x[:, :6], idm(x)[1]).float().clamp(-0.5, 0.5) + 0.5).permute(0, 2, 3, 1).cpu()
-        fig, axes = plt.subplots(3, 6, figsize=(12, 6.5))
-        for j in range(6):
-            for i, (img, title) in enumerate([(obs[j, 1], "o_t"), (obs[j, 2], "true o_t+1"),
-                                              (pred[j].numpy(), "FDM o_t+1")]):
-                axes[i, j].imshow(img)
-                axes[i, j].set_title(title, fontsize=8)
-                axes[i, j].axis("off")
-        save(fig, "fdm_predictions.png")
-        la = latent_actions(cfg, idm, obs)[0]
-        la = la - la.mean(0)
-        xy = la @ torch.linalg.svd(la, full_matrices=False)[2][:2].T  # PCA
-        fig, ax = plt.subplots(figsize=(6, 5))
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=ta, cmap="tab20", s=6, vmin=0, vmax=NUM_ACTIONS - 1)
-        fig.colorbar(sc, label="true action (never seen by the IDM)")
-        ax.set(title=f"Latent actions of held-out transitions, PCA ({cfg.env})")
-        save(fig, "latent_pca.png")
-    if not made:
-        raise LapoError(f"nothing to plot in {run}: run the stages first")
-    print("\n".join(f"[plot] {p}" for p in made))
+            n = x.numel() / x.shape[1] * world
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def bench(cfg, repeats=5):
-    """Throughput on this device at the cpu and paper sizes: training steps/s of stages 1 and
-    2, PPO frames/s end to end, raw Procgen frames/s, dataset batches/s, peak memory."""
-    import resource
-    import tempfile
+class GlobalVectorQuantizerEMA(VectorQuantizerEMA):
+    """The EMA codebook updated with the global batch's counts and sums, the same on every
+    rank. (Dead-code resets draw a vector per rank; DDP then broadcasts rank 0's buffers.)"""
 
-    def median_s(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            if cfg.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
-
-    rng, rows = np.random.default_rng(0), []
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in ("cpu", "paper"):
-            c = make_config(preset, env=cfg.env, device=cfg.device, amp=cfg.amp, run_dir=tmp,
-                            data=str(Path(tmp) / "data"), ckpt_every_s=1e9, num_envs=64,
-                            num_steps=64, epochs=3, minibatches=8)  # PPO as in the paper
-            seed_everything(0)
-            idm = IDM(c).to(c.device, memory_format=torch.channels_last)
-            fdm = FDM(c).to(c.device, memory_format=torch.channels_last)
-            policy = Policy(c.policy_scale, c.la_dim, value=False).to(c.device, memory_format=torch.channels_last)
-            opt1 = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
-            opt2 = torch.optim.Adam(policy.parameters())
-            obs = rng.integers(0, 256, (c.s1_batch, 3, 64, 64, 3), dtype=np.uint8)
-
-            def stage1_step():  # the same work as one step of stage1()
-                with autocast(c):
-                    fdm_loss, commitment, _ = idm_fdm_loss(idm, fdm, to_input(obs, c.device))
-                opt1.zero_grad(set_to_none=True)
-                (fdm_loss + commitment).backward()
-                opt1.step()
-
-            def stage2_step():  # the same work as one step of stage2()
-                x = to_input(obs, c.device)
-                with torch.no_grad(), autocast(c):
-                    la = idm(x)[0].float()
-                with autocast(c):
-                    loss = F.mse_loss(policy(x[:, 3:6])[0].float(), la)
-                opt2.zero_grad(set_to_none=True)
-                loss.backward()
-                opt2.step()
-
-            s1, s2 = median_s(stage1_step), median_s(stage2_step)
-            agent = Policy(c.policy_scale, NUM_ACTIONS).to(c.device, memory_format=torch.channels_last)
-            frames = 2 * c.num_envs * c.num_steps
-            t = time.perf_counter()
-            ppo(c, "bench", agent, torch.optim.Adam(agent.parameters()), lambda f: [c.expert_lr],
-                frames, c.expert_ent, Path(tmp) / f"ppo-{preset}.pt")
-            ppo_fps = frames / (time.perf_counter() - t)
-            rows.append((preset, s1, s2, ppo_fps, c))
-            print(f"[bench] {preset}: stage1 {s1:.3f} s/step, stage2 {s2:.3f} s/step, "
-                  f"PPO {ppo_fps:.0f} frames/s", flush=True)
-        envs = make_env(cfg.env, 64, 0)
-        envs.reset()
-        env_fps = 64 * 100 / median_s(lambda: [envs.step(rng.integers(15, size=64, dtype=np.int32))
-                                                for _ in range(100)])
-        envs.close()
-        data = Path(tmp) / "data" / "train"
-        data.mkdir(parents=True)
-        n = 4096
-        write_chunk(data / "0.npz", dict(obs=rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
-                                         ta=rng.integers(15, size=n), done=np.zeros(n, bool),
-                                         rewards=np.zeros(n), ep_returns=np.zeros(n), values=np.zeros(n)))
-        dataset = Dataset(data.parent, "train")
-        batch_s = median_s(lambda: to_input(dataset.sample(rng, 128)[0], cfg.device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
-    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cfg.device.startswith("cuda") else ""
-    print(f"\nbench on {cfg.device} ({torch.get_num_threads()} threads), amp={cfg.amp}")
-    print(f"{'sizes':<7}{'stage1 s/step':>15}{'stage2 s/step':>15}{'PPO frames/s':>14}  network")
-    for preset, s1, s2, fps, c in rows:
-        print(f"{preset:<7}{s1:>15.3f}{s2:>15.3f}{fps:>14.0f}  IDM x{c.idm_scale}, FDM {c.fdm_width}, "
-              f"policy x{c.policy_scale}, batch {c.s1_batch}, PPO {c.num_envs}x{c.num_steps} "
-              f"{c.epochs} epochs x {c.minibatches} minibatches")
-    print(f"Procgen {env_fps:.0f} frames/s; dataset {1 / batch_s:.0f} batches of 128 windows/s; "
-          f"peak memory {peak:.2f} GiB{gpu}")
+    def statistics(self, onehot, x):
+        count, total = super().statistics(onehot, x)
+        dist.all_reduce(count)
+        dist.all_reduce(total)
+        return count, total
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Command line
+# 7. Command line
 # ----------------------------------------------------------------------------------------
 
 HELP = dict(
@@ -1645,28 +1560,28 @@ HELP = dict(
     stage2="latent behaviour cloning: a policy imitates the IDM's latent actions",
     decode="offline decoding: fit latent -> action on --labels N frames, play, report return",
     finetune="online decoding with PPO, RL + SL (paper), --no-sl (RL only) or --scratch (baseline)",
-    eval="play a saved policy (or 'random') for K episodes and report its return",
+    eval="play a saved policy (or 'random') for --eval-episodes episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
-    bench="throughput of every stage on this device, at the cpu and paper sizes",
-    plot="PNGs of a run: the three claims' curves, FDM predictions, latent actions (PCA)",
 )
 
 
-def build_parser():
+def build_parser(preset="paper"):
+    """Every Config field is a flag of every subcommand; its help shows the preset's value."""
+    defaults = make_config(preset) if preset in PRESETS else Config()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--preset", choices=list(PRESETS), default="paper",
                         help="sizes and step counts; other flags override it (default: paper)")
     for f in dataclasses.fields(Config):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, shown = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = f"{f.metadata['help']} ({preset}: {shown})" if shown != "" else f.metadata["help"]
         if f.type in (bool, "bool"):
-            common.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            common.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            common.add_argument(flag, type=typ, default=None,
-                                metavar={int: "N", float: "X"}.get(typ, "VALUE"),
-                                help=f"paper: {f.default!r}; see Config" if f.default != "" else None)
+            common.add_argument(flag, type=typ, default=None, help=text,
+                                metavar={int: "N", float: "X"}.get(typ, "VALUE"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1684,15 +1599,16 @@ def build_parser():
                            help="the baseline: PPO from scratch with the same frame budget")
         if name == "eval":
             p.add_argument("--policy", required=True, help="a checkpoint that acts, or 'random'")
-            p.add_argument("--episodes", type=int, default=100)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="paper")
+    args = build_parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)
     try:
-        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                     if f.name != "preset"}
+        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name != "preset"}
         cfg = make_config(args.preset, **overrides)
         if "RANK" in os.environ:  # launched by torchrun
             if args.command not in ("stage1", "stage2"):
@@ -1714,15 +1630,9 @@ def main(argv=None):
                 raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")
             finetune(cfg, sl=not args.no_sl, scratch=args.scratch)
         elif args.command == "eval":
-            if args.episodes <= 0:
-                raise LapoError("--episodes must be positive")
-            evaluate_checkpoint(cfg, args.policy, args.episodes)
+            evaluate_checkpoint(cfg, args.policy, cfg.eval_episodes)
         elif args.command == "pipeline":
             pipeline(cfg)
-        elif args.command == "bench":
-            bench(cfg)
-        elif args.command == "plot":
-            plot(cfg)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,190 @@
+"""Figures of a lapo run: python tools/plot.py --run-dir runs/coinrun-cpu
+
+Writes PNGs to <run-dir>/plots and prints the numbers behind them:
+  claim1_probe.png     probe accuracy of the latent action over stage 1, against its bars,
+                       and whether the FDM uses the latent (its error with shuffled latents)
+  claim2_offline.png   offline decoding vs behaviour cloning, by number of labelled frames
+  claim3_online.png    online fine-tuning (RL+SL, RL only) vs PPO from scratch
+  fdm_predictions.png  the FDM's o_{t+1} next to the true one, on held-out windows
+  latent_pca.png       latent actions of held-out windows (PCA), coloured by the true action
+Curves and bars over seeds run from the worst seed to the best (min-max, not std).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lapo  # noqa: E402
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def seed_checkpoints(run, name):
+    """Every seed's checkpoint of `name`: <name>.pt, then <name>-seedS.pt."""
+    return sorted(run.glob(f"{name}.pt")) + sorted(run.glob(f"{name}-seed*.pt"))
+
+
+def results(path):
+    return torch.load(path, weights_only=True).get("results", {})
+
+
+def save(fig, out, name):
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    print(f"[plot] {out / name}")
+
+
+def claim1(run, out, game):
+    rows = [r for r in read_jsonl(run / "stage1.jsonl") if "probe_la" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
+    ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent action")
+    for key, style, label in [("majority", ":", "majority class"),
+                              ("probe_frame_diff", "--", "frame difference o_t+1 - o_t"),
+                              ("probe_untrained", "-.", "untrained IDM")]:
+        ax.axhline(rows[-1][key], color="gray", ls=style, label=label)
+    ax.set(xlabel="stage-1 step", ylabel="held-out accuracy of the probe",
+           title=f"Claim 1: latent actions carry the true action ({game})")
+    ax.legend(fontsize=8)
+    if "test_fdm_mse_shuffled" in rows[-1]:
+        for key, label in [("test_fdm_mse", "FDM, own latent"), ("test_fdm_mse_shuffled", "FDM, shuffled latents"),
+                           ("test_copy_mse", "copying o_t")]:
+            ax2.plot(steps, [r[key] for r in rows], "o-", label=label)
+        ax2.set(xlabel="stage-1 step", ylabel="held-out MSE", yscale="log",
+                title="Does the FDM use the latent?")
+        ax2.legend(fontsize=8)
+    save(fig, out, "claim1_probe.png")
+
+
+def claim2(run, out, game):
+    ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc")})
+    if not ns:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in (("decode", "LAPO: latent policy + decoder"), ("bc", "behaviour cloning from scratch")):
+        pts = []
+        for n in ns:
+            seeds = [results(p)["relative"] for p in seed_checkpoints(run, f"{name}-{n}")]
+            if seeds:
+                pts.append((n, np.mean(seeds), np.min(seeds), np.max(seeds)))
+                print(f"[plot] claim 2, {label}, {n} labels: relative return {np.mean(seeds):.2f} +- "
+                      f"{np.std(seeds):.2f} over {len(seeds)} seeds ({', '.join(f'{x:.2f}' for x in seeds)})")
+        if pts:
+            n, m, lo, hi = map(np.array, zip(*pts))
+            ax.errorbar(n, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=label)
+    ax.axhline(0, color="gray", ls=":", label="uniform-random policy")
+    if (run / "expert.pt").exists() and "relative" in results(run / "expert.pt"):
+        ax.axhline(results(run / "expert.pt")["relative"], color="gray", ls="--", label="the data's expert")
+    ax.set(xscale="log", xlabel="labelled frames", ylabel="relative return (mean; bars: min-max over seeds)",
+           title=f"Claim 2: offline decoding ({game})")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.legend(fontsize=8)
+    save(fig, out, "claim2_offline.png")
+
+
+def claim3(run, out, game):
+    methods = {"finetune": "LAPO RL+SL", "finetune-rl": "LAPO RL only", "ppo": "PPO from scratch"}
+    curves, finals, frames = {}, {}, None
+    for name, label in methods.items():
+        for ckpt in seed_checkpoints(run, name):
+            state = torch.load(ckpt, weights_only=True)
+            frames = state["config"]["ft_frames"]
+            eps = [r for r in read_jsonl(ckpt.with_suffix(".jsonl")) if "episode_return" in r]
+            if eps:  # the mean of the last (up to) 100 training episodes, on a common frame grid
+                c = np.cumsum([0] + [e["episode_return"] for e in eps])
+                k = np.arange(1, len(eps) + 1)
+                ret = (c[k] - c[np.maximum(k - 100, 0)]) / np.minimum(k, 100)
+                grid = np.linspace(0, frames, 101)[1:]
+                curves.setdefault(label, []).append(np.interp(grid, [e["step"] for e in eps], lapo.relative_return(game, ret)))
+            if state.get("finished"):
+                finals.setdefault(label, []).append(state["results"]["relative"])
+    if not curves:
+        return
+    grid = np.linspace(0, frames, 101)[1:]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[2, 1]))
+    for label, seeds in curves.items():
+        ax.plot(grid, np.mean(seeds, 0), label=f"{label} ({len(seeds)} seeds)")
+        ax.fill_between(grid, np.min(seeds, 0), np.max(seeds, 0), alpha=0.2)
+        at = ", ".join(f"{np.mean(seeds, 0)[round(100 * f) - 1]:.2f} at {f * frames:,.0f}" for f in (0.2, 0.5, 1.0))
+        print(f"[plot] claim 3, {label}: training curve {at}")
+    ax.set(xlabel="environment frames", ylabel="relative return (last 100 episodes)",
+           title=f"Claim 3: online fine-tuning vs PPO from scratch ({game})")
+    ax.legend(fontsize=8)
+    for i, (label, f) in enumerate(finals.items()):
+        ax2.errorbar([i], [np.mean(f)], yerr=[[np.mean(f) - min(f)], [max(f) - np.mean(f)]], fmt="o", capsize=4)
+        print(f"[plot] claim 3, {label}: final relative return {np.mean(f):.2f} +- {np.std(f):.2f} "
+              f"over {len(f)} seeds ({', '.join(f'{x:.2f}' for x in f)})")
+    ax2.set_xticks(range(len(finals)), list(finals), fontsize=8)
+    ax2.set(ylabel="relative return (final evaluation)", title="After the last frame")
+    save(fig, out, "claim3_online.png")
+
+
+def pictures(run, out, cfg):
+    """What the FDM predicts, and what the latent actions encode."""
+    ckpt = lapo.load_checkpoint(run / "stage1.pt", "stage1")
+    cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in lapo.NET_FIELDS})
+    idm = lapo.load_idm(cfg)
+    fdm = lapo.FDM(cfg).to(cfg.device).eval()
+    fdm.load_state_dict(ckpt["fdm"])
+    test = lapo.Dataset(cfg.data, "test")
+    obs, ta = test.get(np.linspace(0, len(test) - 1, 2048).astype(int))
+    with torch.no_grad():
+        x = lapo.to_input(obs[:6], cfg.device)
+        _, la_q, _, _ = idm(x)
+        pred = (fdm(x[:, :6], la_q).float().clamp(-0.5, 0.5) + 0.5).permute(0, 2, 3, 1).cpu()
+    fig, axes = plt.subplots(3, 6, figsize=(12, 6.5))
+    for j in range(6):
+        for i, (img, title) in enumerate([(obs[j, 1], "o_t"), (obs[j, 2], "true o_t+1"), (pred[j].numpy(), "FDM's o_t+1")]):
+            axes[i, j].imshow(img)
+            axes[i, j].set_title(title, fontsize=8)
+            axes[i, j].axis("off")
+    save(fig, out, "fdm_predictions.png")
+    la, _ = lapo.latent_actions(cfg, idm, obs)
+    la = la - la.mean(0)
+    xy = la @ torch.linalg.svd(la, full_matrices=False)[2][:2].T
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=ta, cmap="tab20", s=6, vmin=0, vmax=lapo.NUM_ACTIONS - 1)
+    fig.colorbar(sc, label="true action (never seen by the IDM)")
+    ax.set(title=f"Latent actions of held-out transitions, PCA ({cfg.env})")
+    save(fig, out, "latent_pca.png")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True, help="a lapo run directory")
+    p.add_argument("--data", default="", help="its dataset (default <run-dir>/data)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    run = Path(args.run_dir)
+    configs = [torch.load(c, weights_only=True)["config"] for c in sorted(run.glob("*.pt"))[:1]]
+    if not configs:
+        sys.exit(f"error: no checkpoints in {run}: run the stages first")
+    cfg = lapo.make_config(configs[0]["preset"], env=configs[0]["env"], run_dir=str(run),
+                           data=args.data or str(run / "data"), device=args.device)
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    claim1(run, out, cfg.env)
+    claim2(run, out, cfg.env)
+    claim3(run, out, cfg.env)
+    if (run / "stage1.pt").exists() and torch.load(run / "stage1.pt", weights_only=True).get("finished"):
+        pictures(run, out, cfg)
+
+
+if __name__ == "__main__":
+    main()
