@@ -73,6 +73,7 @@ class Config:
     fdm_width: int = arg(24, "FDM U-Net base width b: channels b .. 32b")
     fdm_residual: bool = arg(False, "FDM predicts o_{t+1} - o_t (copying o_t is then free)")
     la_dim: int = arg(128, "latent action size")
+    vq: bool = arg(True, "quantise the latent action (--no-vq: the paper's no-VQ ablation)")
     vq_codebooks: int = arg(2, "codebooks of the vector quantiser")
     vq_codes: int = arg(64, "codes per codebook")
     vq_dim: int = arg(16, "code size; la_dim / (codebooks x vq_dim) positions per codebook")
@@ -155,7 +156,7 @@ PRESETS = {
                  ft_schedule_scale=0.05, ckpt_every_s=60),
 }
 # fields a checkpoint's network must agree on with the flags that load it
-NET_FIELDS = ("idm_scale", "policy_scale", "fdm_width", "fdm_residual", "la_dim",
+NET_FIELDS = ("idm_scale", "policy_scale", "fdm_width", "fdm_residual", "la_dim", "vq",
               "vq_codebooks", "vq_codes", "vq_dim")
 
 
@@ -483,11 +484,13 @@ class IDM(nn.Module):
         self.cnn = ImpalaCNN(9, cfg.idm_scale)
         self.head = nn.Linear(256, cfg.la_dim)
         self.vq = quantizer(cfg.vq_codebooks, cfg.vq_codes, cfg.vq_dim, cfg.vq_beta, cfg.vq_decay,
-                            cfg.vq_count_init, cfg.vq_reset_after)
+                            cfg.vq_count_init, cfg.vq_reset_after) if cfg.vq else None
 
     def forward(self, x):
         """x (B, 9, 64, 64) -> la (continuous), la_q (quantised), commitment loss, perplexity"""
         la = self.head(self.cnn(x))
+        if self.vq is None:  # no bottleneck but the latent's size: the no-VQ ablation
+            return la, la, la.new_zeros(()), la.new_tensor(float("nan"))
         la_q, commitment, perplexity, _ = self.vq(la)
         return la, la_q, commitment, perplexity
 
@@ -1134,7 +1137,10 @@ def stage1_eval(cfg, idm, fdm, obs, ta):
     error against copying o_t, and with latents shuffled across the batch (if that is no
     worse, the FDM ignores the latent); codebook perplexity and live codes."""
     la, la_q = latent_actions(cfg, idm, obs)
-    _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+    perplexity, live_codes = math.nan, 0
+    if idm.vq is not None:
+        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
     every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
     x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
     fdm.eval()
@@ -1146,8 +1152,7 @@ def stage1_eval(cfg, idm, fdm, obs, ta):
                 test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
                 test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
                 test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
-                test_perplexity=perplexity.item(),
-                live_codes=min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks)))
+                test_perplexity=perplexity, live_codes=live_codes)
 
 
 def load_idm(cfg):

@@ -93,6 +93,8 @@ def test_idm_fdm_shapes():
     assert la.shape == la_q.shape == (3, cfg.la_dim)
     assert fdm(x[:, :6], la_q).shape == (3, 3, 64, 64)
     assert lapo.Policy(cfg.policy_scale, cfg.la_dim)(x[:, :3])[0].shape == (3, cfg.la_dim)
+    la, la_q, commitment, _ = lapo.IDM(small_cfg(vq=False))(x)  # the no-VQ ablation
+    assert torch.equal(la, la_q) and commitment == 0
 
 
 @pytest.mark.parametrize("size", [64, 84, 96])
@@ -201,27 +203,49 @@ def test_decoder_pairs_the_latent_of_a_window_with_the_action_taken_at_o_t():
     assert not ((e == 1) & ((t == 4) | (t == 5))).any()
 
 
-def test_rlsl_policy_and_its_decoder_fit_copy_out_on_their_own():
-    """What a reader would lift into their project: RLSLPolicy and fit_decoder, with the
-    pieces they name, run with torch imports and nothing else from this file."""
+def copy_out(names, **given):
+    """exec the source of lapo's `names`, in order, with torch imports and `given` only."""
     import copy as copy_module
     import inspect
+
+    source = "\n\n".join(inspect.getsource(getattr(lapo, n)) for n in names)
+    namespace = dict(torch=torch, nn=torch.nn, F=F, dist=torch.distributed, np=np, math=math,
+                     copy=copy_module, **given)
+    exec(compile(source, "copied.py", "exec"), namespace)
+    return namespace
+
+
+def test_pieces_copy_out_on_their_own():
+    """What a reader would lift into a project, with the pieces each names and torch imports
+    only: (a) the quantiser; (b) IDM + FDM + the stage-1 update; (c) the RL+SL policy with
+    its decoder fit."""
     import types
 
-    names = ["ResidualBlock", "ImpalaCNN", "Policy", "orthogonal_init", "mlp", "RLSLPolicy", "fit_decoder"]
-    source = "\n\n".join(inspect.getsource(getattr(lapo, n)) for n in names)
-    namespace = dict(torch=torch, nn=torch.nn, F=F, copy=copy_module, NUM_ACTIONS=15,
-                     ONLINE_DECODER=(192, 128, 64))
-    exec(compile(source, "copied.py", "exec"), namespace)
+    vq = copy_out(["VectorQuantizerEMA"])["VectorQuantizerEMA"](2, 8, 4, beta=0.05, decay=0.99)
+    z_q, commitment, perplexity, codes = vq(torch.randn(5, 2 * 3 * 4))
+    assert z_q.shape == (5, 24) and codes.shape == (5, 2, 3)
+
+    ns = copy_out(["ResidualBlock", "ImpalaCNN", "VectorQuantizerEMA", "IDM", "ResLayer", "TiledLatentConv",
+                   "down_block", "up_block", "FDM", "idm_fdm_loss", "stage1_update", "set_lr", "lr_at",
+                   "autocast", "check_finite", "global_mean", "trained_params", "LapoError"])
+    cfg = types.SimpleNamespace(idm_scale=0.25, fdm_width=4, fdm_residual=True, la_dim=32, vq=True,
+                                vq_codebooks=2, vq_codes=8, vq_dim=4, vq_beta=0.05, vq_decay=0.99,
+                                vq_count_init=1.0, vq_reset_after=0, s1_steps=10, s1_warmup=2,
+                                s1_lr=1e-3, s1_clip=2.0, device="cpu", amp=False)
+    idm, fdm = ns["IDM"](cfg), ns["FDM"](cfg)
+    opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
+    metrics = ns["stage1_update"](cfg, idm, fdm, opt, torch.rand(4, 9, 64, 64) - 0.5, step=0)
+    assert math.isfinite(metrics["fdm_loss"])
+
+    ns = copy_out(["ResidualBlock", "ImpalaCNN", "Policy", "orthogonal_init", "mlp", "RLSLPolicy", "fit_decoder"],
+                  NUM_ACTIONS=15, ONLINE_DECODER=(192, 128, 64))
     cfg = types.SimpleNamespace(la_dim=32, policy_scale=0.25, sl_epochs=2, sl_batch=64, sl_smoothing=0.05)
-    agent = namespace["RLSLPolicy"](cfg)
+    agent = ns["RLSLPolicy"](cfg)
     logits, value = agent(torch.rand(4, 3, 64, 64) - 0.5)
     assert logits.shape == (4, 15) and value.shape == (4,)
-    la, ta = torch.randn(256, 32), torch.randint(15, (256,))
-    decoder, loss = namespace["fit_decoder"](cfg, la, ta)
+    decoder, loss = ns["fit_decoder"](cfg, torch.randn(256, 32), torch.randint(15, (256,)))
     agent.decoder.load_state_dict(decoder.state_dict())
     assert math.isfinite(loss)
-
 
 # --- PPO --------------------------------------------------------------------------------
 
@@ -378,7 +402,7 @@ def test_pipeline_runs_every_stage_and_prints_the_table(pipeline_run):
         assert (d / f"{stage}.jsonl").read_text().count("\n") >= 2
 
 
-def test_stages_run_alone_on_a_finished_run(pipeline_run):
+def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     d, _ = pipeline_run
     r = run("finetune", "--no-sl", "--run-dir", str(d), *SMALL, cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -391,9 +415,9 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run):
     r = run("decode", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # another seed, beside seed 0's
     assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
     for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "ppo-seed1.pt", "random"]:
-        r = run("eval", "--policy", policy if policy == "random" else str(d / policy),
-                "--eval-episodes", "2", "--run-dir", str(d), *SMALL, cwd=d)
-        assert r.returncode == 0 and "relative" in r.stdout, (policy, r.stderr[-2000:])
+        lapo.main(["eval", "--policy", policy if policy == "random" else str(d / policy),  # in-process: faster
+                   "--eval-episodes", "2", "--run-dir", str(d), *SMALL])
+        assert "relative" in capsys.readouterr().out, policy
     r = run("stage1", "--run-dir", str(d), *SMALL, cwd=d)  # finished: says so, changes nothing
     assert r.returncode == 0 and "finished" in r.stdout
 
