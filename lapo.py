@@ -831,7 +831,8 @@ class DecoderSL:
 
     def __init__(self, cfg, idm, decoder):
         self.cfg, self.idm, self.decoder = cfg, idm, decoder
-        self.la, self.ta, self.updates = torch.zeros(0, cfg.la_dim), torch.zeros(0, dtype=torch.long), 0
+        self.la = torch.zeros(0, cfg.la_dim, device=cfg.device)
+        self.ta, self.updates = torch.zeros(0, dtype=torch.long, device=cfg.device), 0
 
     def __call__(self, obs, actions, dones, frames):
         cfg, s = self.cfg, self.cfg.ft_schedule_scale
@@ -840,10 +841,10 @@ class DecoderSL:
             self.la, self.ta = self.la[:0], self.ta[:0]
             return dict(sl_updates=self.updates)
         la, ta = label_rollout(cfg, self.idm, obs, actions, dones)
-        self.la, self.ta = torch.cat([self.la, la]), torch.cat([self.ta, ta])
+        self.la, self.ta = torch.cat([self.la, la.to(cfg.device)]), torch.cat([self.ta, ta.to(cfg.device)])
         metrics = dict(sl_updates=self.updates, sl_pairs=len(self.ta))
         if frames > cfg.sl_start * s and (frames < cfg.sl_dense * s or self.updates % cfg.sl_every == 0):
-            decoder, metrics["sl_loss"] = fit_decoder(cfg, self.la.to(cfg.device), self.ta.to(cfg.device))
+            decoder, metrics["sl_loss"] = fit_decoder(cfg, self.la, self.ta)
             self.decoder.load_state_dict(decoder.state_dict())
         return metrics
 
@@ -851,7 +852,7 @@ class DecoderSL:
         return dict(la=self.la, ta=self.ta, updates=self.updates)
 
     def load_state_dict(self, d):
-        self.la, self.ta, self.updates = d["la"], d["ta"], d["updates"]
+        self.la, self.ta, self.updates = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device), d["updates"]
 
 
 def evaluate(cfg, agent, episodes, seed=10_000):
@@ -1485,8 +1486,8 @@ def lr_at(step, points, values):
 
 
 def set_lr(opt, *lrs):
-    """One learning rate for every group, or one per group."""
-    for g, lr in zip(opt.param_groups, lrs * len(opt.param_groups) if len(lrs) == 1 else lrs):
+    """One learning rate per optimiser group."""
+    for g, lr in zip(opt.param_groups, lrs, strict=True):
         g["lr"] = lr
 
 

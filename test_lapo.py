@@ -167,7 +167,7 @@ def test_ppo_update_trains_the_decoder_only_without_sl(sl):
     agent = lapo.RLSLPolicy(cfg, sl=sl)
     torch.nn.init.normal_(agent.rl_head.weight, std=0.1)  # zero at init; make the RL path count
     opt, _ = lapo.finetune_optimizer(cfg, agent, sl)
-    lapo.set_lr(opt, 1e-3)
+    lapo.set_lr(opt, 1e-3, 1e-3, 1e-3)  # its three parts
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     metrics = lapo.ppo_update(cfg, agent, opt, ppo_batch(agent), ent_coef=0.01)
     assert metrics["first_kl"] < 1e-6  # the batch's log-probs are this very policy's

@@ -172,10 +172,11 @@ def main():
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     run = Path(args.run_dir)
-    configs = [torch.load(c, weights_only=True)["config"] for c in sorted(run.glob("*.pt"))[:1]]
-    if not configs:
+    checkpoints = sorted(run.glob("*.pt"))
+    if not checkpoints:
         sys.exit(f"error: no checkpoints in {run}: run the stages first")
-    cfg = lapo.make_config(configs[0]["preset"], env=configs[0]["env"], run_dir=str(run),
+    saved = torch.load(checkpoints[0], weights_only=True)["config"]
+    cfg = lapo.make_config(saved["preset"], env=saved["env"], run_dir=str(run),
                            data=args.data or str(run / "data"), device=args.device)
     out = run / "plots"
     out.mkdir(exist_ok=True)
