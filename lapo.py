@@ -71,7 +71,7 @@ class Config:
     idm_scale: float = arg(4, "IDM width: IMPALA channels (16, 32, 32) x scale")
     policy_scale: float = arg(4, "latent policy and PPO agent width, as --idm-scale")
     fdm_width: int = arg(24, "FDM U-Net base width b: channels b .. 32b")
-    fdm_residual: bool = arg(False, "FDM predicts o_{t+1} - o_t (copying o_t is then free)")
+    fdm_residual: bool = arg(False, "FDM predicts o_{t+1} - o_t, starting from 0 (copying o_t is then free)")
     la_dim: int = arg(128, "latent action size")
     vq: bool = arg(True, "quantise the latent action (--no-vq: the paper's no-VQ ablation)")
     vq_codebooks: int = arg(2, "codebooks of the vector quantiser")
@@ -232,6 +232,45 @@ def make_env(game, num_envs, seed):
 
     return ProcgenEnv(num_envs=num_envs, env_name=game, num_levels=0, start_level=0,
                       distribution_mode="easy", rand_seed=seed)
+
+
+def action_groups(game, prior=None, states=512, seed=0):
+    """Which of the 15 actions do the same thing, asked of the game itself: in `states`
+    states reached by random play, every action is stepped from the same saved state.
+    Actions whose next frames are identical in 95% of the states form a group (coinrun:
+    LEFT = LEFT-DOWN; most games: the last six do nothing). From o_{t+1} an action can be
+    told only up to the actions that give the same frame there, so the ceilings are the best
+    accuracy any predictor can reach, raw and on groups, when actions are drawn from `prior`
+    (15 probabilities, default uniform)."""
+    from procgen import ProcgenGym3Env
+
+    E = 64
+    env = ProcgenGym3Env(num=E, env_name=game, distribution_mode="easy", num_levels=0,
+                         start_level=0, rand_seed=seed)
+    rng, same = np.random.default_rng(seed), []
+    for _ in range(max(1, states // E)):
+        for _ in range(8):  # wander to new states
+            env.act(rng.integers(NUM_ACTIONS, size=E).astype(np.int32))
+        saved, frames = env.get_state(), []
+        for a in range(NUM_ACTIONS):
+            env.set_state(saved)
+            env.act(np.full(E, a, np.int32))
+            frames.append(env.observe()[1]["rgb"].reshape(E, -1).copy())
+        env.set_state(saved)
+        frames = np.stack(frames, 1)  # (E, 15, pixels)
+        same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(NUM_ACTIONS)], 1))
+    same = np.concatenate(same)  # (states, 15, 15): actions a and b give the same next frame
+    group = np.arange(NUM_ACTIONS)
+    for a, b in zip(*np.nonzero(same.mean(0) >= 0.95)):
+        group[group == group[a]] = group[b]
+    group = np.unique(group, return_inverse=True)[1]
+    # Bayes: seeing a's next frame, guess the likeliest action (group) among its look-alikes
+    p = np.full(NUM_ACTIONS, 1 / NUM_ACTIONS) if prior is None else np.asarray(prior, dtype=float)
+    look_alikes = same * p  # (states, a, b): p(b) if b gives a's frame
+    mass = look_alikes.sum(-1) + 1e-12
+    best_group = (look_alikes @ np.eye(group.max() + 1)[group]).max(-1)
+    return dict(groups=group.tolist(), ceiling=float((p * look_alikes.max(-1) / mass).sum(-1).mean()),
+                ceiling_merged=float((p * best_group / mass).sum(-1).mean()))
 
 
 class RewardNormalizer:
@@ -554,6 +593,9 @@ class FDM(nn.Module):
             up_block(2 * c, c_out, norm) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
         self.out = nn.Sequential(nn.Conv2d(b + 6, b, 3, padding=1), ResLayer(b), nn.ReLU(),
                                  nn.Conv2d(b, 3, 1))
+        if self.residual:  # start as copying o_t, so that only the change is left to learn
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, la):
         """x (B, 6, 64, 64) = (o_{t-1}, o_t); la (B, la_dim) -> o_{t+1} prediction (B, 3, 64, 64)"""
@@ -889,18 +931,12 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None)
     """PPO as in CleanRL's ppo_procgen: collect num_steps in num_envs, GAE, update.
     lr_fn(frames) gives each optimiser group's learning rate. after_update(obs, actions,
     dones, frames) sees every rollout after its update (RL+SL fits its decoder there) and is
-    checkpointed with the run. Returns the last checkpoint's state."""
+    checkpointed with the run. Returns the number of frames played."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
     state = resume_state(path, name, cfg)
-    done_frames, returns = 0, []
-    if state is not None:
-        agent.load_state_dict(state["policy"])
-        opt.load_state_dict(state["opt"])
-        normalize.load_state_dict(state["normalizer"])
-        if after_update is not None and state.get("after_update"):
-            after_update.load_state_dict(state["after_update"])
-        done_frames, returns = state["step"], state["returns"]
+    done_frames = restore(state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
+    returns = state["returns"] if state else []
     seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
     envs = make_env(cfg.env, E, cfg.seed + done_frames)
     log = Logger(cfg, name, frames, start=done_frames, unit="frame")
@@ -942,21 +978,18 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None)
         log.log(done_frames, return_100=float(np.mean(returns[-100:])) if returns else float("nan"),
                 **metrics)
         if time.time() - last_save > cfg.ckpt_every_s or done_frames >= frames:
-            state = dict(policy=agent.state_dict(), opt=opt.state_dict(), step=done_frames,
-                         normalizer=normalize.state_dict(), returns=returns[-1000:],
-                         after_update=after_update.state_dict() if after_update else None)
-            save_checkpoint(path, **state, config=dataclasses.asdict(cfg))
+            save_checkpoint(path, cfg, policy=agent, opt=opt, normalizer=normalize, after_update=after_update,
+                            step=done_frames, returns=returns[-1000:])
             last_save = time.time()
     envs.close()
-    return state
+    return done_frames
 
 
 def evaluate_and_finish(cfg, path, agent, kind, t0, step, **results):
     """The last act of every stage that makes a policy: play it, and save it as finished."""
     results.update(return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes)),
                    minutes=(time.time() - t0) / 60)
-    save_checkpoint(path, kind=kind, policy=agent.state_dict(), step=step, finished=True,
-                    results=results, config=dataclasses.asdict(cfg))
+    save_checkpoint(path, cfg, kind=kind, policy=agent, step=step, finished=True, results=results)
     print(f"[{path.stem}] return {results['mean']:.2f} +- {results['std']:.2f} (relative "
           f"{results['relative']:.2f}) over {results['episodes']} episodes")
     return results
@@ -981,9 +1014,8 @@ def run_expert(cfg, name="expert", frames=None):
     orthogonal_init(agent.value, 1.0)  # unit-scale values, and Adam's eps 1e-5
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
     t0 = time.time()
-    state = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)],
-                frames, cfg.expert_ent, path)
-    return evaluate_and_finish(cfg, path, agent, "policy", t0, state["step"])
+    done = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)], frames, cfg.expert_ent, path)
+    return evaluate_and_finish(cfg, path, agent, "policy", t0, done)
 
 
 def collect(cfg, random_policy=False, policy_path=None):
@@ -1070,6 +1102,44 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     envs.close()
 
 
+def stage1_bars(cfg, obs, ta):
+    """What a latent action must beat to be worth anything: the majority class, and the same
+    probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
+    and on groups of actions that do the same thing (action_groups), with their ceilings."""
+    bars = action_groups(cfg.env, prior=(torch.bincount(ta, minlength=NUM_ACTIONS) / len(ta)).numpy())
+    merged = torch.as_tensor(bars["groups"])[ta]
+    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    return dict(bars, majority=torch.bincount(ta).max().item() / len(ta),
+                majority_merged=torch.bincount(merged).max().item() / len(ta),
+                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
+                probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
+
+
+@torch.no_grad()
+def stage1_eval(cfg, idm, fdm, obs, ta, groups):
+    """On held-out windows: the probe on the latent (continuous and quantised; raw actions and
+    action groups); the FDM's error against copying o_t, and with latents shuffled across the
+    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
+    la, la_q = latent_actions(cfg, idm, obs)
+    perplexity, live_codes = math.nan, 0
+    if idm.vq is not None:
+        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
+    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
+    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
+    fdm.eval()
+    with autocast(cfg):
+        pred = fdm(x[:, :6], la_x).float()
+        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
+    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
+                probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
+                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
+                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
+                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
+                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
+                test_perplexity=perplexity, live_codes=live_codes)
+
+
 def stage1(cfg):
     """Trains the latent IDM and the FDM jointly (stage1_update); every probe_every steps,
     measures on held-out windows what the latent knows (stage1_eval)."""
@@ -1085,11 +1155,8 @@ def stage1(cfg):
     fdm = FDM(cfg, GlobalBatchNorm2d if world > 1 else nn.BatchNorm2d)
     idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in (idm, fdm))
     opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()], lr=cfg.s1_lr)
-    step = 0
-    if state is not None:
-        idm.load_state_dict(state["idm"]), fdm.load_state_dict(state["fdm"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+    step = restore(state, idm=idm, fdm=fdm, opt=opt)
+    if step:  # a resumed run draws fresh batches
         rng = seed_everything(cfg.seed + step)
     idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
     probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
@@ -1100,7 +1167,7 @@ def stage1(cfg):
     last_save, t0, results = time.time(), time.time(), {}
     while step < cfg.s1_steps:
         if step % cfg.probe_every == 0:
-            results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta)
+            results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta, bars["groups"])
             bars.setdefault("probe_untrained", results["probe_la"])
             log.log(step, force=True, **results, **bars)
         obs, _ = train.sample(rng, cfg.s1_batch, rank, world)
@@ -1110,50 +1177,18 @@ def stage1(cfg):
         finished = step == cfg.s1_steps
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
-                results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta)
+                results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta, bars["groups"])
                 log.log(step, force=True, **results, **bars)
                 results.update(minutes=(time.time() - t0) / 60, **bars)
-            save_checkpoint(path, idm=idm.state_dict(), fdm=fdm.state_dict(), opt=opt.state_dict(),
-                            step=step, finished=finished, results=dict(results, bars=bars),
-                            config=dataclasses.asdict(cfg))
+            save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished,
+                            results=dict(results, bars=bars))
             last_save = time.time()
     if rank == 0:
         print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
               f"vs majority {bars['majority']:.3f}, frame difference {bars['probe_frame_diff']:.3f}; "
-              f"codebook perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
+              f"on action groups {results['probe_la_merged']:.3f} vs {bars['majority_merged']:.3f}, "
+              f"{bars['probe_frame_diff_merged']:.3f}; perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
     return results
-
-
-def stage1_bars(cfg, obs, ta):
-    """What a latent action must beat to be worth anything: the majority class, and the same
-    probe fed the raw frame difference o_{t+1} - o_t (full resolution)."""
-    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
-    return dict(majority=torch.bincount(ta).max().item() / len(ta),
-                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps))
-
-
-@torch.no_grad()
-def stage1_eval(cfg, idm, fdm, obs, ta):
-    """On held-out windows: the probe on the latent (continuous and quantised); the FDM's
-    error against copying o_t, and with latents shuffled across the batch (if that is no
-    worse, the FDM ignores the latent); codebook perplexity and live codes."""
-    la, la_q = latent_actions(cfg, idm, obs)
-    perplexity, live_codes = math.nan, 0
-    if idm.vq is not None:
-        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
-        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
-    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
-    fdm.eval()
-    with autocast(cfg):
-        pred = fdm(x[:, :6], la_x).float()
-        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
-    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
-                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
-                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
-                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
-                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
-                test_perplexity=perplexity, live_codes=live_codes)
 
 
 def load_idm(cfg):
@@ -1174,10 +1209,8 @@ def stage2(cfg):
     rng = seed_everything(cfg.seed)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
-    step = 0
-    if state is not None:
-        policy.load_state_dict(state["policy"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
+    step = restore(state, policy=policy, opt=opt)
+    if step:  # a resumed run draws fresh batches
         rng = seed_everything(cfg.seed + step)
     rank, world = rank_world()
     policy_ddp = DDP(policy) if world > 1 else policy
@@ -1204,8 +1237,7 @@ def stage2(cfg):
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
                 results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
-            save_checkpoint(path, policy=policy.state_dict(), opt=opt.state_dict(), step=step,
-                            finished=finished, results=results, config=dataclasses.asdict(cfg))
+            save_checkpoint(path, cfg, policy=policy, opt=opt, step=step, finished=finished, results=results)
             last_save = time.time()
     if rank == 0:
         print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
@@ -1237,27 +1269,22 @@ def decode(cfg, labels=None, bc=False):
     ta = torch.as_tensor(ta, device=cfg.device)
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        x, trained, kind = to_input(obs[:, 1], cfg.device), agent, "policy"
+        x, net, kind = to_input(obs[:, 1], cfg.device), nn.Sequential(agent.cnn, agent.head), "policy"
     else:  # latent action -> a_t: the rest was learnt without labels
         agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
         la, _ = latent_actions(cfg, load_idm(cfg), obs)
-        x, trained, kind = la.to(cfg.device), agent.decoder, "decoded"
-
-    def predict(x):  # the decoder gives logits; the BC policy gives (logits, value)
-        out = trained(x)
-        return out[0] if bc else out
-
-    opt = torch.optim.Adam(trained.parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
+        x, net, kind = la.to(cfg.device), agent.decoder, "decoded"
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
     for _ in range(cfg.decode_steps):
         i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
         with autocast(cfg):
-            loss = F.cross_entropy(predict(x[i]).float(), ta[i])
+            loss = F.cross_entropy(net(x[i]).float(), ta[i])
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad(), autocast(cfg):
-        train_acc = (predict(x).argmax(-1) == ta).float().mean().item()
+        train_acc = (net(x).argmax(-1) == ta).float().mean().item()
     return evaluate_and_finish(cfg, path, agent, kind, t0, cfg.decode_steps, labels=labels, train_acc=train_acc)
 
 
@@ -1278,9 +1305,9 @@ def finetune(cfg, sl=True, scratch=False):
     agent = RLSLPolicy(cfg, load_latent_policy(cfg), sl).to(cfg.device, memory_format=torch.channels_last)
     opt, lr_fn = finetune_optimizer(cfg, agent, sl)
     t0 = time.time()
-    state = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path,
-                DecoderSL(cfg, idm, agent.decoder) if sl else None)
-    return evaluate_and_finish(cfg, path, agent, "rlsl", t0, state["step"])
+    done = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path,
+               DecoderSL(cfg, idm, agent.decoder) if sl else None)
+    return evaluate_and_finish(cfg, path, agent, "rlsl", t0, done)
 
 
 def finetune_optimizer(cfg, agent, sl):
@@ -1331,11 +1358,14 @@ def pipeline(cfg):
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
         ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", "collect"),
         ("stage1 probe (latent)", f"acc {s1['probe_la']:.3f}",
-         f"majority {s1['majority']:.3f}, frame-diff probe {s1['probe_frame_diff']:.3f}", "stage1"),
+         f"majority {s1['majority']:.3f}, frame-diff {s1['probe_frame_diff']:.3f}, ceiling {s1['ceiling']:.3f}", "stage1"),
+        (f"  on {max(s1['groups']) + 1} action groups", f"acc {s1['probe_la_merged']:.3f}",
+         f"majority {s1['majority_merged']:.3f}, frame-diff {s1['probe_frame_diff_merged']:.3f}, "
+         f"ceiling {s1['ceiling_merged']:.3f}", ""),
         ("stage1 probe (quantised)", f"acc {s1['probe_la_q']:.3f}",
          f"perplexity {s1['test_perplexity']:.1f}/{cfg.vq_codes}", ""),
         ("stage1 FDM held-out MSE", f"{s1['test_fdm_mse']:.5f}",
-         f"copy-last-frame {s1['test_copy_mse']:.5f}, shuffled latents {s1.get('test_fdm_mse_shuffled', math.nan):.5f}", ""),
+         f"copy-last-frame {s1['test_copy_mse']:.5f}, shuffled latents {s1['test_fdm_mse_shuffled']:.5f}", ""),
         ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.3g}", f"mean-latent {s2['mean_baseline_mse']:.3g}", "stage2"),
         (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", "decode"),
         (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", "finetune"),
@@ -1363,14 +1393,15 @@ STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="
                      finetune="finetune", ppo="finetune --scratch")  # checkpoint name -> the command that makes it
 
 
-def save_checkpoint(path, **state):
-    """Plain dict of state_dicts, numbers and the config as a dict: loads anywhere with
-    torch.load(weights_only=True). Temporary name + rename: never a half-written file.
-    Under torchrun only rank 0 writes."""
+def save_checkpoint(path, cfg, **state):
+    """A plain dict: modules, optimisers (anything with a state_dict) as their state_dicts,
+    numbers, and the config as a dict; it loads anywhere with torch.load(weights_only=True).
+    Temporary name + rename: never a half-written file. Under torchrun only rank 0 writes."""
     if rank_world()[0] != 0:
         return
+    state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
     tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
+    torch.save(dict(state, config=dataclasses.asdict(cfg)), tmp)
     os.replace(tmp, path)
 
 
@@ -1414,6 +1445,17 @@ def resume_state(path, stage, cfg):
     else:
         print(f"resuming {path} from step {ckpt['step']}")
     return ckpt
+
+
+def restore(state, **parts):
+    """Loads each part (module, optimiser, ...) of a resumed run from its checkpoint; returns
+    the step the run had reached, 0 for a fresh run."""
+    if state is None:
+        return 0
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(state[name])
+    return state["step"]
 
 
 def is_finished(state):
@@ -1569,30 +1611,53 @@ HELP = dict(
     eval="play a saved policy (or 'random') for --eval-episodes episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
 )
+# The Config fields each subcommand reads (pipeline: all), besides where-and-how and the
+# network sizes its checkpoints must agree on: what its --help lists.
+PPO_FIELDS = ("num_envs", "num_steps", "minibatches", "epochs", "gamma", "gae_lambda", "clip",
+              "vf_coef", "max_grad_norm")
+USES = dict(
+    expert=PPO_FIELDS + ("expert_frames", "expert_lr", "expert_ent", "eval_episodes", "ckpt_every_s"),
+    collect=("num_envs", "train_frames", "test_frames"),
+    stage1=("vq_beta", "vq_decay", "vq_count_init", "vq_reset_after", "s1_steps", "s1_batch",
+            "s1_lr", "s1_warmup", "s1_clip", "probe_every", "probe_frames", "probe_steps", "ckpt_every_s"),
+    stage2=("s2_steps", "s2_batch", "s2_lr", "s2_warmup", "ckpt_every_s"),
+    decode=("labels", "decode_steps", "decode_lr", "decode_wd", "eval_episodes"),
+    finetune=PPO_FIELDS + ("expert_lr", "expert_ent", "ft_frames", "ft_lr", "ft_ent", "ft_schedule_scale",
+                           "sl_start", "sl_dense", "sl_end", "sl_every", "sl_epochs", "sl_batch",
+                           "sl_smoothing", "eval_episodes", "ckpt_every_s"),
+    eval=("eval_episodes",),
+)
+WHERE_FIELDS = ("env", "run_dir", "data", "device", "seed", "amp")
 
 
 def build_parser(preset="paper"):
-    """Every Config field is a flag of every subcommand; its help shows the preset's value."""
+    """One subcommand per stage. Every Config field is a flag of every subcommand (one flag set
+    serves all stages), but --help lists only the fields the subcommand reads, each with the
+    value the chosen preset gives it."""
     defaults = make_config(preset) if preset in PRESETS else Config()
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", choices=list(PRESETS), default="paper",
-                        help="sizes and step counts; other flags override it (default: paper)")
-    for f in dataclasses.fields(Config):
-        if f.name == "preset":
-            continue
-        flag, shown = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        text = f"{f.metadata['help']} ({preset}: {shown})" if shown != "" else f.metadata["help"]
-        if f.type in (bool, "bool"):
-            common.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            common.add_argument(flag, type=typ, default=None, help=text,
-                                metavar={int: "N", float: "X"}.get(typ, "VALUE"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in HELP.items():
-        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--preset", choices=list(PRESETS), default="paper",
+                       help="sizes and step counts; other flags override it (default: paper)")
+        used = WHERE_FIELDS + NET_FIELDS + USES.get(name, tuple(f.name for f in dataclasses.fields(Config)))
+        for f in dataclasses.fields(Config):
+            if f.name == "preset":
+                continue
+            flag, shown = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+            text = f"{f.metadata['help']} ({preset}: {shown})" if shown != "" else f.metadata["help"]
+            if f.name == "env":
+                text += ": " + ", ".join(GAMES)
+            if f.name not in used:  # accepted, so one flag set serves every stage, but not shown
+                text = argparse.SUPPRESS
+            if f.type in (bool, "bool"):
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                p.add_argument(flag, type=typ, default=None, help=text,
+                               metavar={int: "N", float: "X"}.get(typ, "VALUE"))
         if name == "collect":
             p.add_argument("--random", action="store_true", help="uniform-random actions")
             p.add_argument("--policy", help="checkpoint to roll out (default: <run-dir>/expert.pt)")

@@ -97,6 +97,11 @@ def test_idm_fdm_shapes():
     assert torch.equal(la, la_q) and commitment == 0
 
 
+def test_residual_fdm_starts_as_copying_o_t():
+    fdm, x = lapo.FDM(small_cfg(fdm_residual=True)).eval(), torch.rand(2, 6, 64, 64) - 0.5
+    assert torch.equal(fdm(x, torch.randn(2, 128)), x[:, 3:])
+
+
 @pytest.mark.parametrize("size", [64, 84, 96])
 def test_impala_cnn_takes_any_image_size(size):
     assert lapo.ImpalaCNN(3, 0.25, size=size)(torch.rand(2, 3, size, size)).shape == (2, 256)
@@ -293,6 +298,18 @@ def test_relative_return_is_0_at_random_and_1_at_the_expert():
         assert abs(lapo.relative_return(game, lapo.EXPERT_RETURN[game]) - 1) < 1e-12
 
 
+def test_action_groups_are_read_from_the_game():
+    # coinrun: LEFT-DOWN, LEFT | LEFT-UP | DOWN, NOOP and the six buttons | UP | RIGHT-DOWN, RIGHT | RIGHT-UP
+    g = lapo.action_groups("coinrun", states=128)
+    assert [[a for a in range(15) if g["groups"][a] == k] for k in sorted(set(g["groups"]), key=g["groups"].index)] == \
+        [[0, 1], [2], [3, 4, 9, 10, 11, 12, 13, 14], [5], [6, 7], [8]]
+    # in the air UP does what NOOP does, so even a perfect predictor misses: 0 < raw < groups < 1
+    assert 0.1 < g["ceiling"] < g["ceiling_merged"] < 0.95
+    assert lapo.action_groups("coinrun", prior=np.eye(15)[7], states=64)["ceiling"] == pytest.approx(1)  # always RIGHT
+    g = lapo.action_groups("bigfish", states=128)  # swims in all 8 directions; the buttons do nothing
+    assert len(set(g["groups"])) == 9 and len(set(g["groups"][9:] + [g["groups"][4]])) == 1
+
+
 @pytest.mark.parametrize("episodes", [3, 70])
 def test_evaluate_plays_exactly_the_episodes_asked(episodes):
     returns = lapo.evaluate(small_cfg(env="bossfight"), lapo.UniformPolicy(), episodes)  # short episodes
@@ -429,6 +446,17 @@ def error_line(r):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     return lines[0]
+
+
+def test_help_lists_the_flags_a_subcommand_reads_with_the_presets_values(capsys):
+    helps = {}
+    for command in ("stage1", "eval"):
+        with pytest.raises(SystemExit):
+            lapo.main([command, "--preset", "tiny", "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "--s1-lr X stage-1 learning rate" in helps["stage1"] and "(tiny: 0.001)" in helps["stage1"]
+    assert "--s1-lr" not in helps["eval"] and "--eval-episodes N" in helps["eval"] and "(tiny: 32)" in helps["eval"]
+    assert lapo.build_parser().parse_args(["eval", "--policy", "random", "--s1-lr", "1"]).s1_lr == 1  # still accepted
 
 
 def test_unknown_game(tmp_path):

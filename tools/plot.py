@@ -51,24 +51,26 @@ def claim1(run, out, game):
     rows = [r for r in read_jsonl(run / "stage1.jsonl") if "probe_la" in r]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, last = [r["step"] for r in rows], rows[-1]
+    fig, (ax, ax1, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
     ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent action")
-    for key, style, label in [("majority", ":", "majority class"),
-                              ("probe_frame_diff", "--", "frame difference o_t+1 - o_t"),
-                              ("probe_untrained", "-.", "untrained IDM")]:
-        ax.axhline(rows[-1][key], color="gray", ls=style, label=label)
-    ax.set(xlabel="stage-1 step", ylabel="held-out accuracy of the probe",
-           title=f"Claim 1: latent actions carry the true action ({game})")
-    ax.legend(fontsize=8)
-    if "test_fdm_mse_shuffled" in rows[-1]:
-        for key, label in [("test_fdm_mse", "FDM, own latent"), ("test_fdm_mse_shuffled", "FDM, shuffled latents"),
-                           ("test_copy_mse", "copying o_t")]:
-            ax2.plot(steps, [r[key] for r in rows], "o-", label=label)
-        ax2.set(xlabel="stage-1 step", ylabel="held-out MSE", yscale="log",
-                title="Does the FDM use the latent?")
-        ax2.legend(fontsize=8)
+    ax1.plot(steps, [r["probe_la_merged"] for r in rows], "o-", label="latent action")
+    ax.axhline(last["probe_untrained"], color="gray", ls="-.", label="untrained IDM")
+    for axis, suffix, what in [(ax, "", "the true action (15 classes)"),
+                               (ax1, "_merged", f"its group ({max(last['groups']) + 1} groups)")]:
+        for key, style, label in [("ceiling", "-", "ceiling: best any predictor can do"),
+                                  ("probe_frame_diff", "--", "frame difference o_t+1 - o_t"),
+                                  ("majority", ":", "majority class")]:
+            axis.axhline(last[key + suffix], color="gray", ls=style, label=label)
+        axis.set(xlabel="stage-1 step", ylabel="held-out accuracy of the probe",
+                 title=f"Claim 1: the latent knows {what}", ylim=(0, 1))
+        axis.legend(fontsize=8)
+    for key, label in [("test_fdm_mse", "FDM, own latent"), ("test_fdm_mse_shuffled", "FDM, shuffled latents"),
+                       ("test_copy_mse", "copying o_t")]:
+        ax2.plot(steps, [r[key] for r in rows], "o-", label=label)
+    ax2.set(xlabel="stage-1 step", ylabel="held-out MSE", yscale="log", title=f"Does the FDM use the latent? ({game})")
+    ax2.legend(fontsize=8)
     save(fig, out, "claim1_probe.png")
 
 
