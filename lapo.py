@@ -150,7 +150,7 @@ PRESETS = {
     # the whole pipeline in minutes: a smoke test whose output is still worth reading
     "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
                  num_envs=32, num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
-                 train_frames=32_768, test_frames=8_192, s1_steps=1_000, s1_lr=1e-3,
+                 train_frames=32_768, test_frames=8_192, s1_steps=500, s1_lr=1e-3,
                  probe_every=250, probe_frames=4_096, probe_steps=150, s2_steps=500,
                  s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=65_536,
                  ft_schedule_scale=0.05, ckpt_every_s=60),
@@ -235,13 +235,14 @@ def make_env(game, num_envs, seed):
 
 
 def action_groups(game, prior=None, states=512, seed=0):
-    """Which of the 15 actions do the same thing, asked of the game itself: in `states`
-    states reached by random play, every action is stepped from the same saved state.
-    Actions whose next frames are identical in 95% of the states form a group (coinrun:
-    LEFT = LEFT-DOWN; most games: the last six do nothing). From o_{t+1} an action can be
-    told only up to the actions that give the same frame there, so the ceilings are the best
-    accuracy any predictor can reach, raw and on groups, when actions are drawn from `prior`
-    (15 probabilities, default uniform)."""
+    """Which of the 15 actions do the same thing, asked of the game itself: in about `states`
+    states reached by random play (a multiple of 64), every action is stepped from the same
+    saved state. Actions whose next frames are identical in 95% of the states are joined, and
+    joined actions form a group (coinrun: LEFT = LEFT-DOWN; most games: the last six do
+    nothing). From o_{t+1} alone an action can be told only up to the actions that give the
+    same frame, so the ceilings are the accuracy of the best guess from the next frame, raw
+    and on groups, if actions were drawn from `prior` (15 probabilities, default uniform)
+    whatever the state. A probe can beat them where the policy's choice shows in o_t."""
     from procgen import ProcgenGym3Env
 
     E = 64
@@ -259,6 +260,7 @@ def action_groups(game, prior=None, states=512, seed=0):
         env.set_state(saved)
         frames = np.stack(frames, 1)  # (E, 15, pixels)
         same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(NUM_ACTIONS)], 1))
+    env.close()
     same = np.concatenate(same)  # (states, 15, 15): actions a and b give the same next frame
     group = np.arange(NUM_ACTIONS)
     for a, b in zip(*np.nonzero(same.mean(0) >= 0.95)):
@@ -931,7 +933,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None)
     """PPO as in CleanRL's ppo_procgen: collect num_steps in num_envs, GAE, update.
     lr_fn(frames) gives each optimiser group's learning rate. after_update(obs, actions,
     dones, frames) sees every rollout after its update (RL+SL fits its decoder there) and is
-    checkpointed with the run. Returns the number of frames played."""
+    checkpointed with the run. Returns the frame count reached (resumed runs included)."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
     state = resume_state(path, name, cfg)
@@ -1117,8 +1119,8 @@ def stage1_bars(cfg, obs, ta):
 
 @torch.no_grad()
 def stage1_eval(cfg, idm, fdm, obs, ta, groups):
-    """On held-out windows: the probe on the latent (continuous and quantised; raw actions and
-    action groups); the FDM's error against copying o_t, and with latents shuffled across the
+    """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
+    quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
     batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
     la, la_q = latent_actions(cfg, idm, obs)
     perplexity, live_codes = math.nan, 0
@@ -1162,7 +1164,9 @@ def stage1(cfg):
     probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
     probe_obs, probe_ta = test.get(probe_idx)
     probe_ta = torch.as_tensor(probe_ta)
-    bars = (state or {}).get("results", {}).get("bars") or stage1_bars(cfg, probe_obs, probe_ta)
+    bars = (state or {}).get("results", {}).get("bars", {})
+    if "groups" not in bars:  # a fresh run (or one saved before action groups were measured)
+        bars = dict(stage1_bars(cfg, probe_obs, probe_ta), **bars)
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
     last_save, t0, results = time.time(), time.time(), {}
     while step < cfg.s1_steps:
@@ -1354,6 +1358,8 @@ def pipeline(cfg):
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
     ex, s1, s2, dec, ft = (out[k] for k in ("expert", "stage1", "stage2", "decode", "finetune"))
+    s1 = {**dict.fromkeys(["ceiling", "probe_la_merged", "majority_merged", "probe_frame_diff_merged",
+                           "ceiling_merged", "test_fdm_mse_shuffled"], math.nan), "groups": [math.nan], **s1}  # older runs lack these
     rows = [
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
         ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", "collect"),
@@ -1547,15 +1553,15 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def setup_distributed(cfg):
+def setup_distributed(cfg, batch):
     """Under torchrun: join the process group, NCCL on CUDA and gloo on CPU; one GPU a rank."""
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    rank, world = rank_world()
-    if cfg.s1_batch % world or cfg.s2_batch % world:
-        raise LapoError(f"--s1-batch and --s2-batch must be divisible by the {world} processes")
+    world = rank_world()[1]
+    if batch % world:
+        raise LapoError(f"the batch ({batch}) must be divisible by the {world} processes")
 
 
 def global_mean(x):
@@ -1684,7 +1690,7 @@ def main(argv=None):
         if "RANK" in os.environ:  # launched by torchrun
             if args.command not in ("stage1", "stage2"):
                 raise LapoError("only stage1 and stage2 run under torchrun; run the others with python")
-            setup_distributed(cfg)
+            setup_distributed(cfg, cfg.s1_batch if args.command == "stage1" else cfg.s2_batch)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if args.command == "expert":
             run_expert(cfg)
