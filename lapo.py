@@ -59,7 +59,7 @@ def arg(default, help):
 @dataclass
 class Config:
     # what and where
-    env: str = arg("coinrun", "Procgen game (one of the 16)")
+    env: str = arg("coinrun", "Procgen game")
     run_dir: str = arg("", "checkpoints, metrics and the dataset (default runs/<env>-<preset>)")
     data: str = arg("", "dataset folder holding train/ and test/ (default <run-dir>/data)")
     preset: str = arg("paper", "which preset filled in the defaults")
@@ -1641,8 +1641,11 @@ def build_parser(preset="paper"):
     serves all stages), but --help lists only the fields the subcommand reads, each with the
     value the chosen preset gives it."""
     defaults = make_config(preset) if preset in PRESETS else Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="start here: python lapo.py pipeline --preset tiny  (minutes on 2 CPU cores)\n"
+               "the default preset is paper: the paper's sizes, a GPU job\n"
+               "python lapo.py <command> --help: the flags a command reads, with the preset's values")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in HELP.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -1655,7 +1658,7 @@ def build_parser(preset="paper"):
             flag, shown = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
             text = f"{f.metadata['help']} ({preset}: {shown})" if shown != "" else f.metadata["help"]
             if f.name == "env":
-                text += ": " + ", ".join(GAMES)
+                text = f"{f.metadata['help']}, one of {', '.join(GAMES)} ({preset}: {shown})"
             if f.name not in used:  # accepted, so one flag set serves every stage, but not shown
                 text = argparse.SUPPRESS
             if f.type in (bool, "bool"):
