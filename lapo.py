@@ -16,7 +16,7 @@ the whole method runs from nothing: `python lapo.py pipeline --preset tiny`.
 
 Sections, in the paper's order:
   1. configuration     every hyperparameter, and the tiny / cpu / paper presets
-  2. environment, data Procgen, return normalisation, the chunked dataset (authors' format)
+  2. environment, data Procgen, its action groups, return normalisation, the chunked dataset
   3. networks          IMPALA-CNN, EMA vector quantiser, IDM, U-Net FDM, policies
   4. the method        one function per update: stage 1, stage 2, PPO, the decoder's SL
   5. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
