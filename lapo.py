@@ -1108,10 +1108,11 @@ def stage1_bars(cfg, obs, ta):
     """What a latent action must beat to be worth anything: the majority class, and the same
     probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
     and on groups of actions that do the same thing (action_groups), with their ceilings."""
-    bars = action_groups(cfg.env, prior=(torch.bincount(ta, minlength=NUM_ACTIONS) / len(ta)).numpy())
+    count = torch.bincount(ta, minlength=NUM_ACTIONS)
+    bars = action_groups(cfg.env, prior=(count / len(ta)).numpy())
     merged = torch.as_tensor(bars["groups"])[ta]
     diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
-    return dict(bars, majority=torch.bincount(ta).max().item() / len(ta),
+    return dict(bars, majority=count.max().item() / len(ta),
                 majority_merged=torch.bincount(merged).max().item() / len(ta),
                 probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
                 probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
@@ -1656,9 +1657,8 @@ def build_parser(preset="paper"):
             if f.name == "preset":
                 continue
             flag, shown = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-            text = f"{f.metadata['help']} ({preset}: {shown})" if shown != "" else f.metadata["help"]
-            if f.name == "env":
-                text = f"{f.metadata['help']}, one of {', '.join(GAMES)} ({preset}: {shown})"
+            text = f.metadata["help"] + (f", one of {', '.join(GAMES)}" if f.name == "env" else "")
+            text = f"{text} ({preset}: {shown})" if shown != "" else text
             if f.name not in used:  # accepted, so one flag set serves every stage, but not shown
                 text = argparse.SUPPRESS
             if f.type in (bool, "bool"):
