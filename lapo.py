@@ -133,7 +133,7 @@ class Config:
 
 # Fine-tuning trains three parts of the RL+SL policy, each with a learning rate that is 0
 # until frame a, ramps linearly to ft_lr x f at frame b, then decays linearly to 0 at
-# ft_frames (frames x ft_schedule_scale). The paper's schedule.
+# ft_frames; a and b are stretched by ft_schedule_scale. The paper's schedule.
 FT_RAMPS = dict(rl_head=(35_000, 50_000, 1 / 4), value=(25_000, 50_000, 1 / 4),
                 fc_rl=(50_000, 200_000, 1 / 10))
 ONLINE_DECODER = (192, 128, 64)  # hidden widths of the RL+SL decoder (paper)
@@ -184,7 +184,8 @@ def check_config(cfg):
         raise LapoError(f"unknown game {cfg.env!r}; choose one of: {', '.join(GAMES)}")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        may_be_0 = f.name in ("seed", "vq_reset_after", "vq_count_init", "sl_smoothing")
+        may_be_0 = f.name in ("seed", "vq_reset_after", "vq_count_init", "sl_smoothing", "expert_ent",
+                              "ft_ent", "decode_wd", "sl_start", "s1_warmup", "s2_warmup")
         if f.type in (int, float) and (not math.isfinite(v) or v < 0 or (v == 0 and not may_be_0)):
             raise LapoError(f"--{f.name.replace('_', '-')} must be a {'non-negative' if may_be_0 else 'positive'} "
                             f"number, got {v}")
@@ -198,6 +199,13 @@ def check_config(cfg):
         raise LapoError("--num-envs x --num-steps must be divisible by --minibatches")
     if cfg.probe_frames < 32:
         raise LapoError("--probe-frames must be at least 32")
+    if cfg.num_steps < 3:
+        raise LapoError("--num-steps must be at least 3: fine-tuning labels windows of 3 frames")
+    ramps_end = max(b for _, b, _ in FT_RAMPS.values()) * cfg.ft_schedule_scale
+    if ramps_end >= cfg.ft_frames:
+        raise LapoError(f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame {ramps_end:g} "
+                        f"= {max(b for _, b, _ in FT_RAMPS.values())} x --ft-schedule-scale): raise "
+                        "--ft-frames or lower --ft-schedule-scale")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise LapoError(f"--device {cfg.device}: CUDA is not available on this machine")
 
@@ -355,7 +363,8 @@ def mmap_npz(path, key):
 
 def read_chunk(path):
     """Returns obs (memory-mapped if possible) and the small per-frame arrays, after checking
-    every key, shape and dtype; a bad chunk raises one line naming the file."""
+    every key and shape, obs's dtype and that actions are 0..14; a bad chunk raises one line
+    naming the file."""
     try:
         with np.load(path) as z:
             missing = [k for k in CHUNK_KEYS if k not in z.files]
@@ -374,7 +383,7 @@ def read_chunk(path):
     if obs.shape[1:] != (64, 64, 3) or obs.dtype != np.uint8:
         raise LapoError(f"{path}: obs is {obs.dtype} {obs.shape}, expected uint8 (N, 64, 64, 3)")
     for k, v in small.items():
-        if v.shape != (n,) or (k == "ta" and (v.min() < 0 or v.max() >= NUM_ACTIONS)):
+        if v.shape != (n,) or (k == "ta" and not np.isin(v, np.arange(NUM_ACTIONS)).all()):
             raise LapoError(f"{path}: {k} has shape {v.shape} (want ({n},)) or values out of range")
     return obs, small
 
@@ -550,7 +559,7 @@ class TiledLatentConv(nn.Module):
     """conv3x3(cat[x, la tiled over the image]), without building the tiled tensor. A 3x3
     conv of a spatially constant map is, at each pixel, the sum of W_tap @ la over the taps
     that fall inside the image (zero padding drops the others at the border). Same function
-    and parameters as the plain conv; the latent part costs ~la_dim/9 x less (it was most of
+    and parameters as the plain conv; the latent part costs ~la_dim x less (it was most of
     the FDM's compute)."""
 
     def __init__(self, c_x, c_la, c_out):
@@ -736,7 +745,7 @@ def stage1_update(cfg, idm, fdm, opt, x, step):
     loss.backward()
     nn.utils.clip_grad_norm_(trained_params(opt), cfg.s1_clip)
     opt.step()
-    return dict(fdm_loss=global_mean(fdm_loss).item(), commitment=commitment.item(),
+    return dict(fdm_loss=global_mean(fdm_loss).item(), commitment=global_mean(commitment).item(),
                 perplexity=perplexity.item())
 
 
@@ -774,6 +783,45 @@ def probe_accuracy(x, y, steps, seed=0):
             opt.step()
     with torch.no_grad():
         return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
+
+
+def stage1_bars(cfg, obs, ta):
+    """What a latent action must beat to be worth anything: the majority class, and the same
+    probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
+    and on groups of actions that do the same thing (action_groups), with their ceilings."""
+    count = torch.bincount(ta, minlength=NUM_ACTIONS)
+    bars = action_groups(cfg.env, prior=(count / len(ta)).numpy())
+    merged = torch.as_tensor(bars["groups"])[ta]
+    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    return dict(bars, majority=count.max().item() / len(ta),
+                majority_merged=torch.bincount(merged).max().item() / len(ta),
+                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
+                probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
+
+
+@torch.no_grad()
+def stage1_eval(cfg, idm, fdm, obs, ta, groups):
+    """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
+    quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
+    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
+    la, la_q = latent_actions(cfg, idm, obs)
+    perplexity, live_codes = math.nan, 0
+    if idm.vq is not None:
+        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
+    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
+    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
+    fdm.eval()
+    with autocast(cfg):
+        pred = fdm(x[:, :6], la_x).float()
+        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
+    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
+                probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
+                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
+                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
+                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
+                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
+                test_perplexity=perplexity, live_codes=live_codes)
 
 
 def stage2_update(cfg, idm, policy, opt, x, step):
@@ -1039,13 +1087,16 @@ def collect(cfg, random_policy=False, policy_path=None):
         folder.mkdir(parents=True, exist_ok=True)
         for tmp in folder.glob("*.tmp.npz"):  # left by a crash mid-write
             tmp.unlink()
-        have = len(chunk_files(folder))
-        for f in chunk_files(folder):  # a chunk that does not read is rewritten, not kept
+        have = 0  # chunks 0, 1, .. that read; collecting resumes at the first missing or bad one
+        for f in chunk_files(folder):
             try:
+                if int(f.stem) != have:
+                    break
                 read_chunk(f)
             except LapoError as e:
                 print(f"rewriting bad chunk: {e}")
-                have = min(have, int(f.stem))
+                break
+            have += 1
         if have >= n_chunks:
             print(f"[collect] {folder} already has {have} chunks")
             continue
@@ -1104,45 +1155,6 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     envs.close()
 
 
-def stage1_bars(cfg, obs, ta):
-    """What a latent action must beat to be worth anything: the majority class, and the same
-    probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
-    and on groups of actions that do the same thing (action_groups), with their ceilings."""
-    count = torch.bincount(ta, minlength=NUM_ACTIONS)
-    bars = action_groups(cfg.env, prior=(count / len(ta)).numpy())
-    merged = torch.as_tensor(bars["groups"])[ta]
-    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
-    return dict(bars, majority=count.max().item() / len(ta),
-                majority_merged=torch.bincount(merged).max().item() / len(ta),
-                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
-                probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
-
-
-@torch.no_grad()
-def stage1_eval(cfg, idm, fdm, obs, ta, groups):
-    """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
-    quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
-    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
-    la, la_q = latent_actions(cfg, idm, obs)
-    perplexity, live_codes = math.nan, 0
-    if idm.vq is not None:
-        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
-        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
-    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
-    fdm.eval()
-    with autocast(cfg):
-        pred = fdm(x[:, :6], la_x).float()
-        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
-    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
-                probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
-                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
-                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
-                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
-                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
-                test_perplexity=perplexity, live_codes=live_codes)
-
-
 def stage1(cfg):
     """Trains the latent IDM and the FDM jointly (stage1_update); every probe_every steps,
     measures on held-out windows what the latent knows (stage1_eval)."""
@@ -1159,15 +1171,15 @@ def stage1(cfg):
     idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in (idm, fdm))
     opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()], lr=cfg.s1_lr)
     step = restore(state, idm=idm, fdm=fdm, opt=opt)
+    if step >= cfg.s1_steps:  # an unfinished run of more steps
+        raise LapoError(f"{path} is at step {step}, --s1-steps is {cfg.s1_steps}: raise it or delete the file")
     if step:  # a resumed run draws fresh batches
         rng = seed_everything(cfg.seed + step)
     idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
     probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
     probe_obs, probe_ta = test.get(probe_idx)
     probe_ta = torch.as_tensor(probe_ta)
-    bars = (state or {}).get("results", {}).get("bars", {})
-    if "groups" not in bars:  # a fresh run (or one saved before action groups were measured)
-        bars = dict(stage1_bars(cfg, probe_obs, probe_ta), **bars)
+    bars = state["bars"] if state else stage1_bars(cfg, probe_obs, probe_ta)
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
     last_save, t0, results = time.time(), time.time(), {}
     while step < cfg.s1_steps:
@@ -1186,7 +1198,7 @@ def stage1(cfg):
                 log.log(step, force=True, **results, **bars)
                 results.update(minutes=(time.time() - t0) / 60, **bars)
             save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished,
-                            results=dict(results, bars=bars))
+                            bars=bars, results=results)
             last_save = time.time()
     if rank == 0:
         print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
@@ -1215,6 +1227,8 @@ def stage2(cfg):
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
     step = restore(state, policy=policy, opt=opt)
+    if step >= cfg.s2_steps:  # an unfinished run of more steps
+        raise LapoError(f"{path} is at step {step}, --s2-steps is {cfg.s2_steps}: raise it or delete the file")
     if step:  # a resumed run draws fresh batches
         rng = seed_everything(cfg.seed + step)
     rank, world = rank_world()
@@ -1359,8 +1373,6 @@ def pipeline(cfg):
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
     ex, s1, s2, dec, ft = (out[k] for k in ("expert", "stage1", "stage2", "decode", "finetune"))
-    s1 = {**dict.fromkeys(["ceiling", "probe_la_merged", "majority_merged", "probe_frame_diff_merged",
-                           "ceiling_merged", "test_fdm_mse_shuffled"], math.nan), "groups": [math.nan], **s1}  # older runs lack these
     rows = [
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
         ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", "collect"),
@@ -1580,7 +1592,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        world = dist.get_world_size()
+        world, x = dist.get_world_size(), x.float()  # statistics in fp32, as nn.BatchNorm2d under autocast
         moments = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
         mean, mean_sq = dist_fn.all_reduce(moments) / world
         var = mean_sq - mean.pow(2)
@@ -1661,12 +1673,11 @@ def build_parser(preset="paper"):
             text = f"{text} ({preset}: {shown})" if shown != "" else text
             if f.name not in used:  # accepted, so one flag set serves every stage, but not shown
                 text = argparse.SUPPRESS
-            if f.type in (bool, "bool"):
+            if f.type is bool:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, type=typ, default=None, help=text,
-                               metavar={int: "N", float: "X"}.get(typ, "VALUE"))
+                p.add_argument(flag, type=f.type, default=None, help=text,
+                               metavar={int: "N", float: "X"}.get(f.type, "VALUE"))
         if name == "collect":
             p.add_argument("--random", action="store_true", help="uniform-random actions")
             p.add_argument("--policy", help="checkpoint to roll out (default: <run-dir>/expert.pt)")

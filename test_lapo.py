@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 import lapo
@@ -463,9 +465,14 @@ def test_unknown_game(tmp_path):
     assert "unknown game 'pong'" in error_line(run("stage1", "--env", "pong", cwd=tmp_path))
 
 
-def test_non_positive_flag(tmp_path):
+def test_flag_values_are_checked(tmp_path):
     assert "--s1-steps must be a positive number" in error_line(
         run("stage1", "--s1-steps", "0", "--run-dir", str(tmp_path), cwd=tmp_path))
+    lapo.make_config("tiny", expert_ent=0.0, ft_ent=0.0, decode_wd=0.0, sl_start=0, s1_warmup=0, s2_warmup=0)
+    with pytest.raises(lapo.LapoError, match="--ft-frames 5000 ends before the fine-tuning ramps"):
+        lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05
+    with pytest.raises(lapo.LapoError, match="--num-steps must be at least 3"):
+        lapo.make_config("tiny", num_steps=2)
 
 
 def test_stage_out_of_order_names_the_command_to_run(tmp_path):
@@ -496,6 +503,15 @@ def test_checkpoint_from_other_network_sizes(pipeline_run):
     assert "idm_scale=0.25 (flags say 0.5)" in line
 
 
+def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
+    d, _ = pipeline_run
+    ckpt = torch.load(d / "stage1.pt", weights_only=True)
+    torch.save(dict(ckpt, finished=False), tmp_path / "stage1.pt")  # as if killed at its last step
+    line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"),
+                          "--s1-steps", "3", cwd=tmp_path))
+    assert "stage1.pt is at step 4, --s1-steps is 3" in line
+
+
 def test_dataset_with_wrong_shapes(tmp_path):
     (tmp_path / "train").mkdir()
     np.savez(tmp_path / "train" / "0.npz", obs=np.zeros((10, 32, 32, 3), np.uint8),
@@ -503,6 +519,11 @@ def test_dataset_with_wrong_shapes(tmp_path):
              ep_returns=np.zeros(10), values=np.zeros(10))
     with pytest.raises(lapo.LapoError, match=r"0.npz: obs is uint8 \(10, 32, 32, 3\)"):
         lapo.Dataset(tmp_path, "train")
+    np.savez(tmp_path / "train" / "0.npz", obs=np.zeros((10, 64, 64, 3), np.uint8),
+             ta=np.full(10, 2.7), done=np.zeros(10, bool), rewards=np.zeros(10),
+             ep_returns=np.zeros(10), values=np.zeros(10))
+    with pytest.raises(lapo.LapoError, match="0.npz: ta has shape .* or values out of range"):
+        lapo.Dataset(tmp_path, "train")  # not silently truncated to action 2
 
 
 # --- never lose work -------------------------------------------------------------------------
@@ -569,6 +590,11 @@ def test_killed_collect_resumes_without_duplicating_chunks(tmp_path):
         lapo.read_chunk(tmp_path / "data" / "test" / name)
     first = np.load(tmp_path / "data" / "test" / "0.npz")["obs"]
     assert not any(np.array_equal(first, np.load(tmp_path / "data" / "test" / n)["obs"]) for n in test[1:])
+    (tmp_path / "data" / "test" / "1.npz").unlink()  # as the error for a bad chunk suggests
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "collect-test" in r.stdout, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "data" / "test").iterdir()) == test
+    assert np.array_equal(first, np.load(tmp_path / "data" / "test" / "0.npz")["obs"])  # kept
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pipeline_run, tmp_path, monkeypatch):
@@ -624,6 +650,20 @@ def test_tiled_latent_conv_equals_conv_of_the_tiled_input():
 
 
 # --- torchrun: 2 processes train as 1 ------------------------------------------------------
+
+
+def test_global_batchnorm_keeps_fp32_statistics_under_bf16_autocast(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        x = (torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 0.05 + 20).bfloat16()
+        ref, ours = nn.BatchNorm2d(4), lapo.GlobalBatchNorm2d(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ref, y = ref(x), ours(x)
+        assert torch.allclose(ours.running_var, ref.running_var, rtol=1e-2)
+        assert torch.allclose(ours.running_mean, ref.running_mean)
+        assert torch.allclose(y.float(), y_ref.float(), atol=0.05)  # y_ref is rounded to bf16
+    finally:
+        dist.destroy_process_group()
 
 
 def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path):

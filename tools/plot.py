@@ -56,22 +56,19 @@ def claim1(run, out, game):
     ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
     ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent action")
     ax.axhline(last["probe_untrained"], color="gray", ls="-.", label="untrained IDM")
-    panels = [(ax, "", "the true action (15 classes)")]
-    if "groups" in last:  # runs from before action groups were measured have no second panel
-        ax1.plot(steps, [r["probe_la_merged"] for r in rows], "o-", label="latent action")
-        panels.append((ax1, "_merged", f"its group ({max(last['groups']) + 1} groups)"))
+    ax1.plot(steps, [r["probe_la_merged"] for r in rows], "o-", label="latent action")
+    panels = [(ax, "", "the true action (15 classes)"), (ax1, "_merged", f"its group ({max(last['groups']) + 1} groups)")]
     for axis, suffix, what in panels:
         for key, style, label in [("ceiling", "-", "next-frame ceiling (actions independent of the state)"),
                                   ("probe_frame_diff", "--", "frame difference o_t+1 - o_t"),
                                   ("majority", ":", "majority class")]:
-            if key + suffix in last:
-                axis.axhline(last[key + suffix], color="gray", ls=style, label=label)
+            axis.axhline(last[key + suffix], color="gray", ls=style, label=label)
         axis.set(xlabel="stage-1 step", ylabel="held-out accuracy of the probe",
                  title=f"Claim 1: the latent knows {what}", ylim=(0, 1))
         axis.legend(fontsize=8)
     for key, label in [("test_fdm_mse", "FDM, own latent"), ("test_fdm_mse_shuffled", "FDM, shuffled latents"),
                        ("test_copy_mse", "copying o_t")]:
-        ax2.plot(steps, [r.get(key, np.nan) for r in rows], "o-", label=label)
+        ax2.plot(steps, [r[key] for r in rows], "o-", label=label)
     ax2.set(xlabel="stage-1 step", ylabel="held-out MSE", yscale="log", title=f"Does the FDM use the latent? ({game})")
     ax2.legend(fontsize=8)
     save(fig, out, "claim1_probe.png")
