@@ -1,6 +1,7 @@
 """Behaviour tests for lapo.py. The whole suite runs in a few minutes on 2 CPU cores:
 python -m pytest -q test_lapo.py"""
 
+import importlib.util
 import json
 import math
 import os
@@ -697,3 +698,17 @@ def test_plot_makes_the_pngs(pipeline_run):
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ["claim1_probe", "claim2_offline", "fdm_predictions", "latent_pca"]:  # no episode ends in 256 frames
         assert (d / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diagnose_reports_on_a_stage1_run(pipeline_run):
+    d, _ = pipeline_run
+    r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5"],
+                       cwd=d, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive"))
+    spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    x = np.arange(1000) % 4
+    assert diagnose.mutual_information(x, x) == pytest.approx(2.0)  # 4 equally likely values
+    assert diagnose.mutual_information(x, np.arange(1000) // 250) == pytest.approx(0.0, abs=1e-3)

@@ -1,0 +1,83 @@
+"""Why is a latent action weak? python tools/diagnose.py --run-dir runs/coinrun-cpu [--windows N]
+
+Loads a stage-1 run (stage1.pt, finished or not, and its dataset) and, on N held-out windows (default:
+all of the test split), prints:
+  probes       the stage-1 probe (lapo.probe_accuracy) on raw actions and on action groups,
+               for the trained latent, an untrained IDM's latent and the frame difference,
+               with more windows and steps than stage 1 uses (is the probe short of data?)
+  information  how many bits each token of the quantised latent carries, and how many of
+               them are about the action group taken at t-1, t, t+1 (o_{t+1} shows the
+               action at t)
+  dead units   how many of the IDM's 256 features are 0 on every window, and how much the
+               latent varies across windows (a latent that does not vary has collapsed)
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lapo  # noqa: E402
+
+
+def bits(x):
+    p = np.bincount(x) / len(x)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def mutual_information(x, y):
+    """I(x; y) = H(x) + H(y) - H(x, y), in bits, of two integer arrays."""
+    return bits(x) + bits(y) - bits(x * (y.max() + 1) + y)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--windows", type=int, default=0, help="held-out windows (default: all)")
+    parser.add_argument("--probe-steps", type=int, default=1000)
+    args = parser.parse_args()
+    ckpt = lapo.load_checkpoint(Path(args.run_dir) / "stage1.pt", "stage1", finished=False)
+    saved = ckpt["config"]
+    cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in lapo.NET_FIELDS + ("env", "data", "amp", "seed")},
+                           run_dir=args.run_dir, device="cpu")
+    test = lapo.Dataset(cfg.data, "test")
+    n = min(args.windows or len(test), len(test))
+    idx = np.linspace(0, len(test) - 1, n).astype(int)
+    obs, ta = test.get(idx)
+    groups = np.array(ckpt["bars"]["groups"])
+    idm = lapo.IDM(cfg)
+    idm.load_state_dict(ckpt["idm"])
+    la, la_q = lapo.latent_actions(cfg, idm, obs)
+    torch.manual_seed(cfg.seed)
+    la_untrained, _ = lapo.latent_actions(cfg, lapo.IDM(cfg), obs)
+    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    ta_t, group_t = torch.as_tensor(ta), torch.as_tensor(groups[ta])
+    print(f"{cfg.env}, step {ckpt['step']}, {n} held-out windows: probe fitted on half, scored on the "
+          f"other, {args.probe_steps} steps; majority group {torch.bincount(group_t).max().item() / n:.3f}")
+    for name, x in [("trained latent", la), ("untrained IDM", la_untrained), ("frame difference", diff)]:
+        print(f"  probe on {name:<17} raw {lapo.probe_accuracy(x, ta_t, args.probe_steps):.3f}  "
+              f"groups {lapo.probe_accuracy(x, group_t, args.probe_steps):.3f}")
+    if idm.vq is not None:  # each (codebook, position) of the latent is one token of vq_codes values
+        with torch.no_grad():
+            _, _, _, codes = idm.vq(la)
+        tokens = codes.flatten(1).numpy()  # (N, codebooks x positions)
+        print(f"  the quantised latent: {tokens.shape[1]} tokens carrying "
+              f"{np.mean([bits(tok) for tok in tokens.T]):.2f} bits each (mean); about the action group "
+              f"taken at (bits per token, mean and max over tokens)")
+        for lag in (-1, 0, 1):
+            ok = np.array([0 <= t + lag < len(test.ta[c]) for c, t in test.index[idx]])
+            group = groups[[test.ta[c][t + lag] for c, t in test.index[idx][ok]]]
+            mi = [mutual_information(tok[ok], group) for tok in tokens.T]
+            print(f"    t{lag:+d}: {np.mean(mi):.3f}, {np.max(mi):.3f} (of {bits(group):.2f})")
+    with torch.no_grad():
+        h = idm.cnn(lapo.to_input(obs[:1024], "cpu"))
+    print(f"  IDM features alive on some window: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
+          f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
+
+
+if __name__ == "__main__":
+    main()
