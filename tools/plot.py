@@ -170,7 +170,7 @@ def pictures(run, out, cfg):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", required=True, help="a lapo run directory")
-    p.add_argument("--data", default="", help="its dataset (default <run-dir>/data)")
+    p.add_argument("--data", default="", help="its dataset (default: the one it was trained on)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     run = Path(args.run_dir)
@@ -179,7 +179,7 @@ def main():
         sys.exit(f"error: no checkpoints in {run}: run the stages first")
     saved = torch.load(checkpoints[0], weights_only=True)["config"]
     cfg = lapo.make_config(saved["preset"], env=saved["env"], run_dir=str(run),
-                           data=args.data or str(run / "data"), device=args.device)
+                           data=args.data or saved["data"], device=args.device)
     out = run / "plots"
     out.mkdir(exist_ok=True)
     claim1(run, out, cfg.env)
