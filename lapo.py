@@ -1100,6 +1100,8 @@ def collect(cfg, random_policy=False, policy_path=None):
         if have >= n_chunks:
             print(f"[collect] {folder} already has {have} chunks")
             continue
+        if have:
+            print(f"[collect] {folder}: keeping chunks 0..{have - 1}, writing chunks {have}..{n_chunks - 1}")
         need = (n_chunks - have) * chunk_len * FRAME_BYTES
         free = shutil.disk_usage(folder).free
         if need > free * 0.95:
@@ -1592,7 +1594,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        world, x = dist.get_world_size(), x.float()  # statistics in fp32, as nn.BatchNorm2d under autocast
+        world, dtype, x = dist.get_world_size(), x.dtype, x.float()  # statistics in fp32, as nn.BatchNorm2d
         moments = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
         mean, mean_sq = dist_fn.all_reduce(moments) / world
         var = mean_sq - mean.pow(2)
@@ -1602,7 +1604,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked.add_(1)
         x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        return (x * self.weight[:, None, None] + self.bias[:, None, None]).to(dtype)
 
 
 class GlobalVectorQuantizerEMA(VectorQuantizerEMA):

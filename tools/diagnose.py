@@ -8,8 +8,9 @@ all of the test split), prints:
   information  how many bits each token of the quantised latent carries, and how many of
                them are about the action group taken at t-1, t, t+1 (o_{t+1} shows the
                action at t)
-  dead units   how many of the IDM's 256 features are 0 on every window, and how much the
-               latent varies across windows (a latent that does not vary has collapsed)
+  dead units   how many of the IDM's 256 features are 0 on every one of ~1,024 windows, and
+               how much the latent varies across windows (one that does not has collapsed)
+Memory: all windows of the cpu preset's test split and their frame differences, ~6 GB.
 """
 
 import argparse
@@ -39,11 +40,15 @@ def main():
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--windows", type=int, default=0, help="held-out windows (default: all)")
     parser.add_argument("--probe-steps", type=int, default=1000)
+    parser.add_argument("--data", default="", help="its dataset (default: the one it was trained on)")
     args = parser.parse_args()
     ckpt = lapo.load_checkpoint(Path(args.run_dir) / "stage1.pt", "stage1", finished=False)
     saved = ckpt["config"]
-    cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in lapo.NET_FIELDS + ("env", "data", "amp", "seed")},
-                           run_dir=args.run_dir, device="cpu")
+    data = args.data or saved["data"]
+    if not Path(data).exists():  # the saved path is relative to where stage 1 ran
+        data = str(Path(args.run_dir) / "data")
+    cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in lapo.NET_FIELDS + ("env", "amp", "seed")},
+                           run_dir=args.run_dir, data=data, device="cpu")
     test = lapo.Dataset(cfg.data, "test")
     n = min(args.windows or len(test), len(test))
     idx = np.linspace(0, len(test) - 1, n).astype(int)
@@ -56,8 +61,9 @@ def main():
     la_untrained, _ = lapo.latent_actions(cfg, lapo.IDM(cfg), obs)
     diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
     ta_t, group_t = torch.as_tensor(ta), torch.as_tensor(groups[ta])
+    scored = group_t[n // 2 :]
     print(f"{cfg.env}, step {ckpt['step']}, {n} held-out windows: probe fitted on half, scored on the "
-          f"other, {args.probe_steps} steps; majority group {torch.bincount(group_t).max().item() / n:.3f}")
+          f"other, {args.probe_steps} steps; majority group {torch.bincount(scored).max().item() / len(scored):.3f}")
     for name, x in [("trained latent", la), ("untrained IDM", la_untrained), ("frame difference", diff)]:
         print(f"  probe on {name:<17} raw {lapo.probe_accuracy(x, ta_t, args.probe_steps):.3f}  "
               f"groups {lapo.probe_accuracy(x, group_t, args.probe_steps):.3f}")
@@ -67,15 +73,19 @@ def main():
         tokens = codes.flatten(1).numpy()  # (N, codebooks x positions)
         print(f"  the quantised latent: {tokens.shape[1]} tokens carrying "
               f"{np.mean([bits(tok) for tok in tokens.T]):.2f} bits each (mean); about the action group "
-              f"taken at (bits per token, mean and max over tokens)")
-        for lag in (-1, 0, 1):
-            ok = np.array([0 <= t + lag < len(test.ta[c]) for c, t in test.index[idx]])
-            group = groups[[test.ta[c][t + lag] for c, t in test.index[idx][ok]]]
-            mi = [mutual_information(tok[ok], group) for tok in tokens.T]
-            print(f"    t{lag:+d}: {np.mean(mi):.3f}, {np.max(mi):.3f} (of {bits(group):.2f})")
+              f"taken at (bits per token, mean and max over tokens; the same with the groups shuffled, "
+              f"which an estimate from finitely many windows does not give as 0)")
+        rng = np.random.default_rng(0)
+        for lag in (-1, 0, 1):  # windows never touch a chunk's ends, so t-1 and t+1 exist
+            group = groups[[test.ta[c][t + lag] for c, t in test.index[idx]]]
+            mi = [mutual_information(tok, group) for tok in tokens.T]
+            mi_shuffled = [mutual_information(tok, rng.permutation(group)) for tok in tokens.T]
+            print(f"    t{lag:+d}: {np.mean(mi):.3f}, {np.max(mi):.3f} (of {bits(group):.2f}); "
+                  f"shuffled {np.mean(mi_shuffled):.3f}, {np.max(mi_shuffled):.3f}")
+    spread = obs[:: max(1, n // 1024)]  # about 1,024 windows over the whole test split
     with torch.no_grad():
-        h = idm.cnn(lapo.to_input(obs[:1024], "cpu"))
-    print(f"  IDM features alive on some window: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
+        h = idm.cnn(lapo.to_input(spread, "cpu"))
+    print(f"  IDM features alive on some of {len(spread)} windows: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
           f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
 
 

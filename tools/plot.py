@@ -178,8 +178,10 @@ def main():
     if not checkpoints:
         sys.exit(f"error: no checkpoints in {run}: run the stages first")
     saved = torch.load(checkpoints[0], weights_only=True)["config"]
-    cfg = lapo.make_config(saved["preset"], env=saved["env"], run_dir=str(run),
-                           data=args.data or saved["data"], device=args.device)
+    data = args.data or saved["data"]
+    if not Path(data).exists():  # the saved path is relative to where the run was made
+        data = str(run / "data")
+    cfg = lapo.make_config(saved["preset"], env=saved["env"], run_dir=str(run), data=data, device=args.device)
     out = run / "plots"
     out.mkdir(exist_ok=True)
     claim1(run, out, cfg.env)
