@@ -201,11 +201,10 @@ def check_config(cfg):
         raise LapoError("--probe-frames must be at least 32")
     if cfg.num_steps < 3:
         raise LapoError("--num-steps must be at least 3: fine-tuning labels windows of 3 frames")
-    ramps_end = max(b for _, b, _ in FT_RAMPS.values()) * cfg.ft_schedule_scale
-    if ramps_end >= cfg.ft_frames:
-        raise LapoError(f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame {ramps_end:g} "
-                        f"= {max(b for _, b, _ in FT_RAMPS.values())} x --ft-schedule-scale): raise "
-                        "--ft-frames or lower --ft-schedule-scale")
+    ramps_end = max(b for _, b, _ in FT_RAMPS.values())
+    if ramps_end * cfg.ft_schedule_scale >= cfg.ft_frames:
+        raise LapoError(f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame {ramps_end} x "
+                        f"--ft-schedule-scale {cfg.ft_schedule_scale:g}): raise --ft-frames or lower --ft-schedule-scale")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise LapoError(f"--device {cfg.device}: CUDA is not available on this machine")
 
