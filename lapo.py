@@ -1447,7 +1447,7 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
     if cfg is not None:
-        diff = [f"{k}={ckpt['config'][k]} (flags say {getattr(cfg, k)})"
+        diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
                 for k in NET_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
             raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "

@@ -498,10 +498,24 @@ def test_corrupt_chunk_and_checkpoint_are_named(pipeline_run, tmp_path):
     assert "stage1.pt" in line and "corrupt" in line
 
 
-def test_checkpoint_from_other_network_sizes(pipeline_run):
+def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     d, _ = pipeline_run
     line = error_line(run("stage2", "--run-dir", str(d), *SMALL, "--idm-scale", "0.5", cwd=d))
     assert "idm_scale=0.25 (flags say 0.5)" in line
+    ckpt = torch.load(d / "stage1.pt", weights_only=True)
+    del ckpt["config"]["vq"]  # a checkpoint from a version without that field
+    torch.save(ckpt, tmp_path / "stage1.pt")
+    line = error_line(run("stage2", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
+    assert "vq=None (flags say True)" in line
+
+
+def test_committed_expert_loads_with_the_cpu_preset():
+    cfg = lapo.make_config("cpu", device="cpu", amp=False)
+    ckpt = lapo.load_checkpoint(HERE / "experts" / "coinrun-cpu.pt", "expert", cfg)
+    agent = lapo.make_policy(ckpt["kind"], cfg)
+    agent.load_state_dict(ckpt["policy"])
+    logits, value = agent(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2, lapo.NUM_ACTIONS) and value.shape == (2,)
 
 
 def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
