@@ -125,6 +125,13 @@ def claim3(run, out, game):
         ax.fill_between(grid, np.min(seeds, 0), np.max(seeds, 0), alpha=0.2)
         at = ", ".join(f"{np.mean(seeds, 0)[round(100 * f) - 1]:.2f} at {f * frames:,.0f}" for f in (0.2, 0.5, 1.0))
         print(f"[plot] claim 3, {label}: training curve {at}")
+    rlsl, ppo = curves.get("LAPO RL+SL"), curves.get("PPO from scratch")
+    if rlsl and ppo:  # claim 3's test: RL+SL above PPO from scratch after the first 10% of frames
+        later = slice(10, None)
+        above = np.mean(rlsl, 0)[later] > np.mean(ppo, 0)[later]
+        apart = np.min(rlsl, 0)[later] > np.max(ppo, 0)[later]
+        print(f"[plot] claim 3: after 10% of the frames, RL+SL's mean curve is above PPO from scratch's at "
+              f"{above.mean():.0%} of {above.size} points; its worst seed above PPO's best seed at {apart.mean():.0%}")
     ax.set(xlabel="environment frames", ylabel="relative return (last 100 episodes)",
            title=f"Claim 3: online fine-tuning vs PPO from scratch ({game})")
     ax.legend(fontsize=8)
