@@ -278,8 +278,10 @@ def action_groups(game, prior=None, states=512, seed=0):
     look_alikes = same * p  # (states, a, b): p(b) if b gives a's frame
     mass = look_alikes.sum(-1) + 1e-12
     best_group = (look_alikes @ np.eye(group.max() + 1)[group]).max(-1)
-    return dict(groups=group.tolist(), ceiling=float((p * look_alikes.max(-1) / mass).sum(-1).mean()),
-                ceiling_merged=float((p * best_group / mass).sum(-1).mean()))
+    hit = p * look_alikes.max(-1) / mass  # p(a) x p(the guess from a's next frame is right)
+    hit_merged = p * best_group / mass
+    return dict(groups=group.tolist(), ceiling=float(hit.sum(-1).mean()),
+                ceiling_merged=float(hit_merged.sum(-1).mean()))
 
 
 class RewardNormalizer:
@@ -309,7 +311,7 @@ class RewardNormalizer:
 def to_input(obs, device):
     """uint8 (B, [T,] H, W, 3) -> float (B, T*3, H, W) in [-0.5, 0.5], channels-last.
     Observations stay uint8 until they are on the device: 4x less to copy. Frames are stacked
-    on channels, and NHWC uint8 is already channels-last memory, so no copy is made for it."""
+    on channels; NHWC is already channels-last memory, so the layout needs no extra copy."""
     x = torch.as_tensor(obs).to(device, non_blocking=True)
     if x.ndim == 5:
         x = x.permute(0, 2, 3, 1, 4).flatten(3)  # (B, H, W, T*C)
@@ -473,7 +475,7 @@ class VectorQuantizerEMA(nn.Module):
     gradients, codes move to the running mean of the vectors assigned to them.
     A latent of size G*P*D is read as G codebooks x P positions x D dims; each D-vector snaps
     to the nearest of its codebook's K codes. Gradients pass straight through.
-    count_init: the EMA counts start at 1 here. The authors start them at 0 without bias
+    count_init: the EMA counts start at 1 by default. The authors start them at 0 without bias
     correction, so a code not picked on the first step is divided by ~1e-5 and flung far away."""
 
     def __init__(self, codebooks, codes, dim, beta, decay, count_init=1.0, reset_after=0, eps=1e-5):
@@ -486,7 +488,8 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("idle_steps", torch.zeros(codebooks, codes))
 
     def statistics(self, onehot, x):
-        """How many vectors each code got, and their sum: (G, K), (G, K, D)."""
+        """How many vectors each code got, and their sum: (G, K), (G, K, D). A method of its own
+        so that GlobalVectorQuantizerEMA can sum them over the torchrun processes."""
         return onehot.sum(1), onehot.transpose(1, 2) @ x
 
     @torch.autocast("cuda", enabled=False)
@@ -588,7 +591,7 @@ def up_block(c_in, c_out, norm):  # doubles the resolution
 class FDM(nn.Module):
     """Forward dynamics: U-Net from (o_{t-1}, o_t) and the latent action to o_{t+1}.
     The latent action is tiled over the image at the input and fed again at the 1x1
-    bottleneck, so the decoder cannot ignore it. Channels b, 2b, .., 16b down to 2x2, 32b at
+    bottleneck, so the U-Net's upsampling half cannot ignore it. Channels b, 2b, .., 16b down to 2x2, 32b at
     1x1, then back up with skip connections."""
 
     def __init__(self, cfg, norm=nn.BatchNorm2d):
@@ -596,9 +599,11 @@ class FDM(nn.Module):
         b, la, self.residual = cfg.fdm_width, cfg.la_dim, cfg.fdm_residual
         widths = [b, 2 * b, 4 * b, 8 * b, 16 * b]  # 32, 16, 8, 4, 2 pixels
         self.inp = TiledLatentConv(6, la, b)  # = conv3x3 of (o_{t-1}, o_t, la tiled)
+        # the first down block's conv is self.inp, which also takes the latent
         self.down = nn.ModuleList([down_block(b, b, norm, conv=False)] + [
             down_block(c_in, c_out, norm) for c_in, c_out in zip(widths[:-1], widths[1:])])
         self.mid = nn.Conv2d(16 * b, 32 * b, 2)  # 2x2 -> 1x1
+        # up[0]: 1x1 bottleneck + latent -> 2x2; then each takes cat(h, skip) and doubles the resolution
         self.up = nn.ModuleList([up_block(32 * b + la, 16 * b, norm)] + [
             up_block(2 * c, c_out, norm) for c, c_out in zip(widths[::-1], widths[::-1][1:] + [b])])
         self.out = nn.Sequential(nn.Conv2d(b + 6, b, 3, padding=1), ResLayer(b), nn.ReLU(),
@@ -619,7 +624,7 @@ class FDM(nn.Module):
             h = block(torch.cat([h, skip], 1))
         out = self.out(torch.cat([h, x], 1))
         if self.residual:  # predict the change: a still frame costs nothing, motion must be explained
-            return x[:, 3:] + torch.tanh(out)
+            return x[:, 3:6] + torch.tanh(out)
         return torch.tanh(out) / 2  # pixels live in [-0.5, 0.5]
 
 
@@ -636,7 +641,7 @@ class Policy(nn.Module):
 
     def forward(self, x):
         h = self.cnn(x)
-        return self.head(h), None if self.value is None else self.value(h).squeeze(-1)
+        return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
 
 
 def orthogonal_init(layer, std):
@@ -784,14 +789,14 @@ def probe_accuracy(x, y, steps, seed=0):
         return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
 
 
-def stage1_bars(cfg, obs, ta):
+def stage1_bars(cfg, windows, ta):
     """What a latent action must beat to be worth anything: the majority class, and the same
     probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
     and on groups of actions that do the same thing (action_groups), with their ceilings."""
     count = torch.bincount(ta, minlength=NUM_ACTIONS)
     bars = action_groups(cfg.env, prior=(count / len(ta)).numpy())
     merged = torch.as_tensor(bars["groups"])[ta]
-    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    diff = (torch.as_tensor(windows[:, 2]).float() - torch.as_tensor(windows[:, 1]).float()).flatten(1) / 255
     return dict(bars, majority=count.max().item() / len(ta),
                 majority_merged=torch.bincount(merged).max().item() / len(ta),
                 probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
@@ -799,17 +804,18 @@ def stage1_bars(cfg, obs, ta):
 
 
 @torch.no_grad()
-def stage1_eval(cfg, idm, fdm, obs, ta, groups):
+def stage1_eval(cfg, idm, fdm, windows, ta, groups):
     """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
     quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
     batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
-    la, la_q = latent_actions(cfg, idm, obs)
+    la, la_q = latent_actions(cfg, idm, windows)
     perplexity, live_codes = math.nan, 0
     if idm.vq is not None:
         _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        # codes in use on the probe windows, in the codebook that uses fewest
         perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(obs) // 512)  # 512 windows spread over the test set, for the FDM
-    x, la_x = to_input(obs[::every], cfg.device), la_q[::every].to(cfg.device)
+    every = max(1, len(windows) // 512)  # 512 windows spread over the test set, for the FDM
+    x, la_x = to_input(windows[::every], cfg.device), la_q[::every].to(cfg.device)
     fdm.eval()
     with autocast(cfg):
         pred = fdm(x[:, :6], la_x).float()
@@ -825,9 +831,11 @@ def stage1_eval(cfg, idm, fdm, obs, ta, groups):
 
 def stage2_update(cfg, idm, policy, opt, x, step):
     """One step of latent behaviour cloning: the policy, from o_t alone, regresses the frozen
-    IDM's continuous latent action for (o_{t-1}, o_t, o_{t+1}) with MSE."""
+    IDM's continuous (pre-quantisation, as in the authors' code) latent action for
+    (o_{t-1}, o_t, o_{t+1}) with MSE."""
     warmup = min(cfg.s2_warmup, cfg.s2_steps // 2)
     set_lr(opt, lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0]))
+    idm.eval()  # in train mode every call would move the EMA codebook
     with torch.no_grad(), autocast(cfg):
         la, _, _, _ = idm(x)
     policy.train()
@@ -976,14 +984,14 @@ def evaluate(cfg, agent, episodes, seed=10_000):
 # ----------------------------------------------------------------------------------------
 
 
-def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None):
+def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_update=None):
     """PPO as in CleanRL's ppo_procgen: collect num_steps in num_envs, GAE, update.
     lr_fn(frames) gives each optimiser group's learning rate. after_update(obs, actions,
     dones, frames) sees every rollout after its update (RL+SL fits its decoder there) and is
-    checkpointed with the run. Returns the frame count reached (resumed runs included)."""
+    checkpointed with the run. state: the unfinished checkpoint to resume (resume_state), or
+    None. Returns the frame count reached (resumed runs included)."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
-    state = resume_state(path, name, cfg)
     done_frames = restore(state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
     returns = state["returns"] if state else []
     seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
@@ -999,7 +1007,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, after_update=None)
         agent.eval()
         for t in range(T):
             obs[t] = torch.as_tensor(next_obs).to(dev, non_blocking=True)
-            dones[t] = next_done
+            dones[t] = next_done  # 1 if obs[t] is an episode's FIRST frame (a chunk's done[t]: its last)
             with torch.no_grad(), autocast(cfg):
                 logits, value = agent(to_input(obs[t], dev))
             pi = torch.distributions.Categorical(logits=logits.float())
@@ -1063,8 +1071,9 @@ def run_expert(cfg, name="expert", frames=None):
     orthogonal_init(agent.value, 1.0)  # unit-scale values, and Adam's eps 1e-5
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
     t0 = time.time()
-    done = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)], frames, cfg.expert_ent, path)
-    return evaluate_and_finish(cfg, path, agent, "policy", t0, done)
+    done_frames = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)], frames,
+                      cfg.expert_ent, path, state)
+    return evaluate_and_finish(cfg, path, agent, "policy", t0, done_frames)
 
 
 def collect(cfg, random_policy=False, policy_path=None):
@@ -1178,24 +1187,24 @@ def stage1(cfg):
         rng = seed_everything(cfg.seed + step)
     idm_ddp, fdm_ddp = (DDP(idm), DDP(fdm)) if world > 1 else (idm, fdm)  # averages gradients
     probe_idx = np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int)
-    probe_obs, probe_ta = test.get(probe_idx)
+    probe_windows, probe_ta = test.get(probe_idx)
     probe_ta = torch.as_tensor(probe_ta)
-    bars = state["bars"] if state else stage1_bars(cfg, probe_obs, probe_ta)
+    bars = state["bars"] if state else stage1_bars(cfg, probe_windows, probe_ta)
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
     last_save, t0, results = time.time(), time.time(), {}
     while step < cfg.s1_steps:
         if step % cfg.probe_every == 0:
-            results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta, bars["groups"])
-            bars.setdefault("probe_untrained", results["probe_la"])
+            results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
+            bars.setdefault("probe_untrained", results["probe_la"])  # the first probe is a bar too
             log.log(step, force=True, **results, **bars)
-        obs, _ = train.sample(rng, cfg.s1_batch, rank, world)
-        metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(obs, cfg.device), step)
+        windows, _ = train.sample(rng, cfg.s1_batch, rank, world)
+        metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
         log.log(step, **metrics)
         finished = step == cfg.s1_steps
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
-                results = stage1_eval(cfg, idm, fdm, probe_obs, probe_ta, bars["groups"])
+                results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
                 log.log(step, force=True, **results, **bars)
                 results.update(minutes=(time.time() - t0) / 60, **bars)
             save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished,
@@ -1234,8 +1243,8 @@ def stage2(cfg):
         rng = seed_everything(cfg.seed + step)
     rank, world = rank_world()
     policy_ddp = DDP(policy) if world > 1 else policy
-    test_obs, _ = test.sample(np.random.default_rng(cfg.seed), 512)
-    test_x = to_input(test_obs, cfg.device)
+    test_windows, _ = test.sample(np.random.default_rng(cfg.seed), 512)
+    test_x = to_input(test_windows, cfg.device)
     with torch.no_grad(), autocast(cfg):
         test_la, _, _, _ = idm(test_x)
     test_la = test_la.float()
@@ -1244,8 +1253,8 @@ def stage2(cfg):
     log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
     last_save, t0 = time.time(), time.time()
     while step < cfg.s2_steps:
-        obs, _ = train.sample(rng, cfg.s2_batch, rank, world)
-        metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(obs, cfg.device), step)
+        windows, _ = train.sample(rng, cfg.s2_batch, rank, world)
+        metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
         finished = step == cfg.s2_steps
         if step % 100 == 0 or finished:
@@ -1285,14 +1294,14 @@ def decode(cfg, labels=None, bc=False):
     t0 = time.time()
     train = Dataset(cfg.data, "train")
     rng = seed_everything(cfg.seed)
-    obs, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
+    windows, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
     ta = torch.as_tensor(ta, device=cfg.device)
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        x, net, kind = to_input(obs[:, 1], cfg.device), nn.Sequential(agent.cnn, agent.head), "policy"
+        x, net, kind = to_input(windows[:, 1], cfg.device), nn.Sequential(agent.cnn, agent.head), "policy"
     else:  # latent action -> a_t: the rest was learnt without labels
         agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
-        la, _ = latent_actions(cfg, load_idm(cfg), obs)
+        la, _ = latent_actions(cfg, load_idm(cfg), windows)
         x, net, kind = la.to(cfg.device), agent.decoder, "decoded"
     opt = torch.optim.Adam(net.parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
@@ -1310,7 +1319,7 @@ def decode(cfg, labels=None, bc=False):
 
 def finetune(cfg, sl=True, scratch=False):
     """Online decoding: PPO on the RL+SL policy. The conv trunk stays frozen; PPO tunes the
-    RL head, the value head and the last linear layer with the FT_RAMPS learning rates.
+    RL head, the value head and the trunk's linear layer (fc_rl) with the FT_RAMPS learning rates.
     With SL, DecoderSL re-fits the decoder after updates; with sl=False (RL only), PPO trains
     the decoder too. scratch=True is the baseline: PPO from scratch with the same frames."""
     if scratch:
@@ -1325,9 +1334,9 @@ def finetune(cfg, sl=True, scratch=False):
     agent = RLSLPolicy(cfg, load_latent_policy(cfg), sl).to(cfg.device, memory_format=torch.channels_last)
     opt, lr_fn = finetune_optimizer(cfg, agent, sl)
     t0 = time.time()
-    done = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path,
-               DecoderSL(cfg, idm, agent.decoder) if sl else None)
-    return evaluate_and_finish(cfg, path, agent, "rlsl", t0, done)
+    done_frames = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path, state,
+                      DecoderSL(cfg, idm, agent.decoder) if sl else None)
+    return evaluate_and_finish(cfg, path, agent, "rlsl", t0, done_frames)
 
 
 def finetune_optimizer(cfg, agent, sl):

@@ -66,7 +66,7 @@ def main():
             frames = 2 * cfg.num_envs * cfg.num_steps
             t = time.perf_counter()
             lapo.ppo(cfg, "bench", agent, torch.optim.Adam(agent.parameters()), lambda f: [cfg.expert_lr],
-                     frames, cfg.expert_ent, Path(tmp) / f"ppo-{preset}.pt")
+                     frames, cfg.expert_ent, Path(tmp) / f"ppo-{preset}.pt", None)
             fps = frames / (time.perf_counter() - t)
             rows.append((preset, s1, s2, fps, cfg))
             print(f"[bench] {preset}: stage1 {s1:.3f} s/step, stage2 {s2:.3f} s/step, PPO {fps:.0f} frames/s", flush=True)
