@@ -732,14 +732,16 @@ def test_plot_compares_fine_tuning_with_ppo_from_scratch(pipeline_run, tmp_path)
         torch.save(ckpt, tmp_path / f"{name}.pt")
         rows = [dict(step=s, episode_return=ret) for s in range(8, frames + 1, 8)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = subprocess.run([sys.executable, str(HERE / "tools" / "plot.py"), "--run-dir", str(tmp_path),
-                        "--data", str(d / "data")], cwd=d, capture_output=True, text=True, timeout=600)
+    def plot():
+        return subprocess.run([sys.executable, str(HERE / "tools" / "plot.py"), "--run-dir", str(tmp_path),
+                               "--data", str(d / "data")], cwd=d, capture_output=True, text=True, timeout=600)
+
+    r = plot()
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "plots" / "claim3_online.png").read_bytes()[:4] == b"\x89PNG"
     assert "above PPO from scratch's at 100% of 90 points; its worst seed above PPO's best seed at 100%" in r.stdout
     (tmp_path / "ppo-seed1.jsonl").write_text((tmp_path / "ppo-seed1.jsonl").read_text().replace(": 6.0", ": 8.5"))
-    r = subprocess.run([sys.executable, str(HERE / "tools" / "plot.py"), "--run-dir", str(tmp_path),
-                        "--data", str(d / "data")], cwd=d, capture_output=True, text=True, timeout=600)
+    r = plot()
     assert "at 100% of 90 points; its worst seed above PPO's best seed at 0%" in r.stdout
 
 

@@ -127,7 +127,7 @@ def claim3(run, out, game):
         print(f"[plot] claim 3, {label}: training curve {at}")
     rlsl, ppo = curves.get("LAPO RL+SL"), curves.get("PPO from scratch")
     if rlsl and ppo:  # claim 3's test: RL+SL above PPO from scratch after the first 10% of frames
-        later = slice(10, None)
+        later = slice(len(grid) // 10, None)
         above = np.mean(rlsl, 0)[later] > np.mean(ppo, 0)[later]
         apart = np.min(rlsl, 0)[later] > np.max(ppo, 0)[later]
         print(f"[plot] claim 3: after 10% of the frames, RL+SL's mean curve is above PPO from scratch's at "
