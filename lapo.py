@@ -1061,9 +1061,9 @@ def return_summary(cfg, returns):
 def run_expert(cfg, name="expert", frames=None):
     """Stage 0: PPO from scratch on the game for `frames` (default expert_frames). The expert
     that makes the dataset, and (as 'ppo', for ft_frames) the baseline of online decoding."""
-    frames, path = frames or cfg.expert_frames, Path(cfg.run_dir) / f"{name}.pt"
-    state = resume_state(path, name, cfg)
-    if is_finished(state):
+    frames = frames or cfg.expert_frames
+    path, state = resume_state(cfg, name)
+    if state and state.get("finished"):
         return state["results"]
     seed_everything(cfg.seed)
     agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
@@ -1076,17 +1076,22 @@ def run_expert(cfg, name="expert", frames=None):
     return evaluate_and_finish(cfg, path, agent, "policy", t0, done_frames)
 
 
+def load_policy(cfg, path):
+    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, finetune, ppo)."""
+    stage = Path(path).stem.split("-")[0].replace("bc", "decode")
+    ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
+    if "kind" not in ckpt:
+        raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, finetune.pt or ppo.pt")
+    agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
+    agent.load_state_dict(ckpt["policy"])
+    return agent.eval()
+
+
 def collect(cfg, random_policy=False, policy_path=None):
     """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
     <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
     chunks come from other levels (another seed). Resumes by appending new chunks."""
-    agent = None
-    if not random_policy:
-        path = policy_path or Path(cfg.run_dir) / "expert.pt"
-        ckpt = load_checkpoint(path, "expert", cfg)
-        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
-        agent.load_state_dict(ckpt["policy"])
-        agent.eval()
+    agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
     for split, frames, chunk_len, seed in [("train", cfg.train_frames, TRAIN_CHUNK, 0),
                                            ("test", cfg.test_frames, TEST_CHUNK, 1_000_000)]:
         chunk_len = min(chunk_len, frames)
@@ -1168,9 +1173,8 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
 def stage1(cfg):
     """Trains the latent IDM and the FDM jointly (stage1_update); every probe_every steps,
     measures on held-out windows what the latent knows (stage1_eval)."""
-    path = Path(cfg.run_dir) / "stage1.pt"
-    state = resume_state(path, "stage1", cfg)
-    if is_finished(state):
+    path, state = resume_state(cfg, "stage1")
+    if state and state.get("finished"):
         return state["results"]
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
     print(f"[stage1] {train.frames} train frames ({len(train)} transitions), {test.frames} test frames")
@@ -1227,9 +1231,8 @@ def load_idm(cfg):
 
 def stage2(cfg):
     """Latent behaviour cloning (stage2_update); the IDM is frozen, its latents are targets."""
-    path = Path(cfg.run_dir) / "stage2.pt"
-    state = resume_state(path, "stage2", cfg)
-    if is_finished(state):
+    path, state = resume_state(cfg, "stage2")
+    if state and state.get("finished"):
         return state["results"]
     idm = load_idm(cfg)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
@@ -1281,20 +1284,18 @@ def load_latent_policy(cfg):
     return policy
 
 
-def decode(cfg, labels=None, bc=False):
-    """Offline decoding: fits a decoder latent action -> true action on `labels` labelled
+def decode(cfg, bc=False):
+    """Offline decoding: fits a decoder latent action -> true action on --labels labelled
     transitions (IDM latents of those transitions), then plays latent policy + decoder.
     bc=True is the baseline: the same policy network trained from scratch by behaviour
     cloning on the same labelled frames."""
-    labels = labels or cfg.labels
-    path = Path(cfg.run_dir) / f"{'bc' if bc else 'decode'}-{labels}{seed_suffix(cfg)}.pt"
-    state = resume_state(path, "decode", cfg)
-    if is_finished(state):
+    path, state = resume_state(cfg, f"{'bc' if bc else 'decode'}-{cfg.labels}{seed_suffix(cfg)}", "decode")
+    if state and state.get("finished"):
         return state["results"]
     t0 = time.time()
     train = Dataset(cfg.data, "train")
     rng = seed_everything(cfg.seed)
-    windows, ta = train.get(rng.choice(len(train), size=min(labels, len(train)), replace=False))
+    windows, ta = train.get(rng.choice(len(train), size=min(cfg.labels, len(train)), replace=False))
     ta = torch.as_tensor(ta, device=cfg.device)
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
@@ -1314,7 +1315,7 @@ def decode(cfg, labels=None, bc=False):
         opt.step()
     with torch.no_grad(), autocast(cfg):
         train_acc = (net(x).argmax(-1) == ta).float().mean().item()
-    return evaluate_and_finish(cfg, path, agent, kind, t0, cfg.decode_steps, labels=labels, train_acc=train_acc)
+    return evaluate_and_finish(cfg, path, agent, kind, t0, cfg.decode_steps, labels=cfg.labels, train_acc=train_acc)
 
 
 def finetune(cfg, sl=True, scratch=False):
@@ -1325,9 +1326,8 @@ def finetune(cfg, sl=True, scratch=False):
     if scratch:
         return run_expert(cfg, "ppo" + seed_suffix(cfg), cfg.ft_frames)
     name = ("finetune" if sl else "finetune-rl") + seed_suffix(cfg)
-    path = Path(cfg.run_dir) / f"{name}.pt"
-    state = resume_state(path, name, cfg)
-    if is_finished(state):
+    path, state = resume_state(cfg, name)
+    if state and state.get("finished"):
         return state["results"]
     idm = load_idm(cfg)
     seed_everything(cfg.seed)
@@ -1356,18 +1356,8 @@ def finetune_optimizer(cfg, agent, sl):
 
 
 def evaluate_checkpoint(cfg, path, episodes):
-    if path == "random":
-        returns = evaluate(cfg, UniformPolicy(), episodes)
-    else:
-        stage = Path(path).stem.split("-")[0].replace("bc", "decode")
-        ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
-        if "kind" not in ckpt:
-            raise LapoError(f"{path} holds no acting policy; evaluate expert.pt, decode-N.pt "
-                            "or finetune.pt")
-        agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
-        agent.load_state_dict(ckpt["policy"])
-        returns = evaluate(cfg, agent, episodes)
-    r = return_summary(cfg, returns)
+    agent = UniformPolicy() if path == "random" else load_policy(cfg, path)
+    r = return_summary(cfg, evaluate(cfg, agent, episodes))
     print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
           f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
     return r
@@ -1464,16 +1454,17 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
     return ckpt
 
 
-def resume_state(path, stage, cfg):
-    """The checkpoint of an earlier run of this stage (finished or not), or None."""
-    if not Path(path).exists():
-        return None
-    ckpt = load_checkpoint(path, stage, cfg, finished=False)
+def resume_state(cfg, name, stage=None):
+    """<run-dir>/<name>.pt, and the checkpoint of an earlier run there (finished or not) or None."""
+    path = Path(cfg.run_dir) / f"{name}.pt"
+    if not path.exists():
+        return path, None
+    ckpt = load_checkpoint(path, stage or name, cfg, finished=False)
     if ckpt.get("finished"):
         print(f"{path} is finished; delete it to run this stage again")
     else:
         print(f"resuming {path} from step {ckpt['step']}")
-    return ckpt
+    return path, ckpt
 
 
 def restore(state, **parts):
@@ -1485,10 +1476,6 @@ def restore(state, **parts):
         if part is not None:
             part.load_state_dict(state[name])
     return state["step"]
-
-
-def is_finished(state):
-    return state is not None and bool(state.get("finished"))
 
 
 class Logger:
@@ -1704,7 +1691,6 @@ def build_parser(preset="paper"):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="paper")
     args = build_parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)

@@ -519,6 +519,13 @@ def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     assert "vq=None (flags say True)" in line
 
 
+def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
+    d, _ = pipeline_run
+    for command, ckpt in [("collect", "stage1.pt"), ("eval", "stage2.pt")]:
+        line = error_line(run(command, "--policy", str(d / ckpt), "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
+        assert f"{ckpt} holds no acting policy" in line, command
+
+
 def test_committed_expert_loads_with_the_cpu_preset():
     cfg = lapo.make_config("cpu", device="cpu", amp=False)
     ckpt = lapo.load_checkpoint(HERE / "experts" / "coinrun-cpu.pt", "expert", cfg)

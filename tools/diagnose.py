@@ -52,14 +52,14 @@ def main():
     test = lapo.Dataset(cfg.data, "test")
     n = min(args.windows or len(test), len(test))
     idx = np.linspace(0, len(test) - 1, n).astype(int)
-    obs, ta = test.get(idx)
+    windows, ta = test.get(idx)
     groups = np.array(ckpt["bars"]["groups"])
     idm = lapo.IDM(cfg)
     idm.load_state_dict(ckpt["idm"])
-    la, la_q = lapo.latent_actions(cfg, idm, obs)
+    la, la_q = lapo.latent_actions(cfg, idm, windows)
     torch.manual_seed(cfg.seed)
-    la_untrained, _ = lapo.latent_actions(cfg, lapo.IDM(cfg), obs)
-    diff = (torch.as_tensor(obs[:, 2]).float() - torch.as_tensor(obs[:, 1]).float()).flatten(1) / 255
+    la_untrained, _ = lapo.latent_actions(cfg, lapo.IDM(cfg), windows)
+    diff = (torch.as_tensor(windows[:, 2]).float() - torch.as_tensor(windows[:, 1]).float()).flatten(1) / 255
     ta_t, group_t = torch.as_tensor(ta), torch.as_tensor(groups[ta])
     scored = group_t[n // 2 :]
     print(f"{cfg.env}, step {ckpt['step']}, {n} held-out windows: probe fitted on half, scored on the "
@@ -82,7 +82,7 @@ def main():
             mi_shuffled = [mutual_information(tok, rng.permutation(group)) for tok in tokens.T]
             print(f"    t{lag:+d}: {np.mean(mi):.3f}, {np.max(mi):.3f} (of {bits(group):.2f}); "
                   f"shuffled {np.mean(mi_shuffled):.3f}, {np.max(mi_shuffled):.3f}")
-    spread = obs[:: max(1, n // 1024)]  # about 1,024 windows over the whole test split
+    spread = windows[:: max(1, n // 1024)]  # about 1,024 windows over the whole test split
     with torch.no_grad():
         h = idm.cnn(lapo.to_input(spread, "cpu"))
     print(f"  IDM features alive on some of {len(spread)} windows: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
