@@ -992,6 +992,9 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
     None. Returns the frame count reached (resumed runs included)."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
+    if state and state["step"] >= frames:  # an unfinished run of more frames
+        flag = "--expert-frames" if name == "expert" else "--ft-frames"
+        raise LapoError(f"{path} is at frame {state['step']}, {flag} is {frames}: raise it or delete the file")
     done_frames = restore(state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
     returns = state["returns"] if state else []
     seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
@@ -1196,20 +1199,21 @@ def stage1(cfg):
     bars = state["bars"] if state else stage1_bars(cfg, probe_windows, probe_ta)
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
     last_save, t0, results = time.time(), time.time(), {}
+    if step == 0:
+        results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
+        bars["probe_untrained"] = results["probe_la"]  # the untrained IDM is a bar too
+        log.log(step, force=True, **results, **bars)
     while step < cfg.s1_steps:
-        if step % cfg.probe_every == 0:
-            results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
-            bars.setdefault("probe_untrained", results["probe_la"])  # the first probe is a bar too
-            log.log(step, force=True, **results, **bars)
         windows, _ = train.sample(rng, cfg.s1_batch, rank, world)
         metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
         log.log(step, **metrics)
         finished = step == cfg.s1_steps
+        if step % cfg.probe_every == 0 or finished:  # logged before the checkpoint: never redone
+            results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
+            log.log(step, force=True, **results, **bars)
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
-                results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
-                log.log(step, force=True, **results, **bars)
                 results.update(minutes=(time.time() - t0) / 60, **bars)
             save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished,
                             bars=bars, results=results)

@@ -542,6 +542,10 @@ def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
     line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"),
                           "--s1-steps", "3", cwd=tmp_path))
     assert "stage1.pt is at step 4, --s1-steps is 3" in line
+    ckpt = torch.load(d / "expert.pt", weights_only=True)
+    torch.save(dict(ckpt, finished=False), tmp_path / "expert.pt")
+    line = error_line(run("expert", "--run-dir", str(tmp_path), *SMALL, "--expert-frames", "128", cwd=tmp_path))
+    assert "expert.pt is at frame 256, --expert-frames is 128" in line
 
 
 def test_dataset_with_wrong_shapes(tmp_path):
@@ -601,6 +605,8 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
     log = tmp_path / f"{stage}.jsonl"
     steps = jsonl(log, "fdm_loss" if stage == "stage1" else "pg_loss", "step")
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no lost or doubled rows
+    if stage == "stage1":
+        assert jsonl(log, "probe_la", "step") == [0, 100, 200, 300]
     if stage == "finetune":
         frames_per_update = 8 * 16
         assert jsonl(log, "sl_updates") == [s // frames_per_update for s in jsonl(log, "sl_updates", "step")]
