@@ -321,8 +321,9 @@ def to_input(obs, device):
 
 # The dataset is the authors' format: <data>/{train,test}/<i>.npz, chunks of consecutive
 # frames with keys obs (N,64,64,3) uint8, ta (N,) true action, done (N,) bool, rewards,
-# ep_returns, values (N,) float32. done[t] means the episode ended with action ta[t], so
-# obs[t+1] starts a new one; ep_returns[t] is the return of the episode so far.
+# ep_returns, values (N,) float32. done[t] means the episode ended with action ta[t] (or
+# collect's last step cut it there), so obs[t+1] starts a new one; ep_returns[t] is the
+# return of the episode so far.
 CHUNK_KEYS = dict(obs=np.uint8, ta=np.int64, done=np.bool_, rewards=np.float32,
                   ep_returns=np.float32, values=np.float32)
 
@@ -775,7 +776,7 @@ def probe_accuracy(x, y, steps, seed=0):
     x = (x - x[:n].mean(0)) / (x[:n].std() + 1e-8)
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reset CUDA's too
         net = mlp(x.shape[1], *OFFLINE_DECODER, NUM_ACTIONS)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     with torch.enable_grad():
@@ -992,7 +993,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
     None. Returns the frame count reached (resumed runs included)."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
-    if state and state["step"] >= frames:  # an unfinished run of more frames
+    if state and state["step"] - E * T >= frames:  # it went on past this budget (not just to its end)
         flag = "--expert-frames" if name == "expert" else "--ft-frames"
         raise LapoError(f"{path} is at frame {state['step']}, {flag} is {frames}: raise it or delete the file")
     done_frames = restore(state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
@@ -1113,7 +1114,10 @@ def collect(cfg, random_policy=False, policy_path=None):
                 print(f"rewriting bad chunk: {e}")
                 break
             have += 1
-        if have >= n_chunks:
+        if have > n_chunks:  # the stages read every chunk: they would train on more than asked
+            raise LapoError(f"{folder} holds {have} chunks, more than the {n_chunks} that "
+                            f"--{split}-frames {frames} asks for: use another --data folder")
+        if have == n_chunks:
             print(f"[collect] {folder} already has {have} chunks")
             continue
         if have:
@@ -1127,10 +1131,13 @@ def collect(cfg, random_policy=False, policy_path=None):
 
 
 def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
-    """Runs num_envs games in parallel; an episode joins the chunk when it ends, so chunks are
-    episodes laid end to end (an episode may continue into the next chunk). Frames go into
-    preallocated arrays (one running episode per env, one chunk): one small array per frame
-    fragments the heap between the policy's temporaries (4x the peak memory)."""
+    """Runs num_envs games in parallel for the same number of steps; an episode joins the
+    chunk when it ends, so chunks are episodes laid end to end (an episode may continue into
+    the next chunk). The episodes still running at the last step are cut there (done = True)
+    and kept: dropping them would drop the long episodes, whose frames are then missing from
+    the data. Frames go into preallocated arrays (one running episode per env, one chunk):
+    one small array per frame fragments the heap between the policy's temporaries (4x the
+    peak memory)."""
     E = cfg.num_envs
     envs = make_env(cfg.env, E, seed)
     rng = seed_everything(seed)
@@ -1141,7 +1148,8 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     chunk = {k: np.empty((chunk_len, *shapes.get(k, ())), t) for k, t in CHUNK_KEYS.items()}
     length, filled, n, ep_ret, rows = np.zeros(E, int), 0, first, np.zeros(E), np.arange(E)
     log = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, start=first * chunk_len, unit="frame")
-    while n < n_chunks:
+    steps = math.ceil((n_chunks - first) * chunk_len / E)
+    for step in range(steps):
         if agent is None:
             action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
         else:
@@ -1157,6 +1165,9 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
         for k, v in zip(CHUNK_KEYS, (obs, action, done, reward, ep_ret, value)):
             episode[k][rows, length] = v
         length += 1
+        if step == steps - 1:  # the last step cuts every running episode: it ends here
+            done = np.ones(E, bool)
+            episode["done"][rows, length - 1] = True
         for i in np.flatnonzero(done):  # copy the finished episode into the chunk(s)
             start = 0
             while start < length[i] and n < n_chunks:
@@ -1449,9 +1460,10 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
     if finished and not ckpt.get("finished"):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
-    if cfg is not None:
+    if cfg is not None:  # a PPO agent (expert, ppo) is one network, sized by policy_scale alone
+        fields = ("policy_scale",) if stage.split("-")[0] in ("expert", "ppo") else NET_FIELDS
         diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
-                for k in NET_FIELDS if ckpt["config"].get(k) != getattr(cfg, k)]
+                for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
             raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "
                             f"use the same --preset/flags")

@@ -1,6 +1,7 @@
 """Behaviour tests for lapo.py. The whole suite runs in a few minutes on 2 CPU cores:
 python -m pytest -q test_lapo.py"""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -378,6 +379,36 @@ def test_collect_writes_the_authors_format_and_reads_back(tmp_path):
     assert np.array_equal(w[0], np.load(train[first[0]])["obs"][first[1] - 1 : first[1] + 2])
 
 
+class FakeGames:
+    """num_envs games whose frames are filled with the game's number: game 0's one episode
+    never ends, the others' episodes last 5 steps."""
+
+    def __init__(self, game, num_envs, seed):
+        self.n, self.t = num_envs, 0
+
+    def reset(self):
+        return {"rgb": np.arange(self.n, dtype=np.uint8)[:, None, None, None].repeat(64, 1).repeat(64, 2).repeat(3, 3)}
+
+    def step(self, action):
+        self.t += 1
+        return self.reset(), np.zeros(self.n), (np.arange(self.n) > 0) & (self.t % 5 == 0), {}
+
+    def close(self):
+        pass
+
+
+def test_collect_keeps_episodes_still_running_at_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(lapo, "make_env", FakeGames)
+    cfg = small_cfg(run_dir=str(tmp_path), num_envs=4, train_frames=400, test_frames=8192)
+    lapo.collect(cfg, random_policy=True)
+    z = np.load(tmp_path / "data" / "train" / "0.npz")
+    game = z["obs"][:, 0, 0, 0]
+    assert [(game == i).sum() for i in range(4)] == [100] * 4  # every game's 100 steps, the longest too
+    assert z["done"][game == 0].tolist() == [False] * 99 + [True]  # cut at the last step
+    with pytest.raises(lapo.LapoError, match="holds 2 chunks, more than the 1 that --test-frames 4096 asks"):
+        lapo.collect(dataclasses.replace(cfg, test_frames=4096), random_policy=True)
+
+
 def test_reads_compressed_chunks_written_by_others(tmp_path):
     n = 50
     rng = np.random.default_rng(0)
@@ -517,6 +548,9 @@ def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     torch.save(ckpt, tmp_path / "stage1.pt")
     line = error_line(run("stage2", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
     assert "vq=None (flags say True)" in line
+    assert lapo.load_checkpoint(d / "expert.pt", "expert", small_cfg(vq=False, la_dim=64))["finished"]
+    with pytest.raises(lapo.LapoError, match=r"policy_scale=0.25 \(flags say 0.5\)"):
+        lapo.load_checkpoint(d / "expert.pt", "expert", dataclasses.replace(small_cfg(), policy_scale=0.5))
 
 
 def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
@@ -546,6 +580,21 @@ def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
     torch.save(dict(ckpt, finished=False), tmp_path / "expert.pt")
     line = error_line(run("expert", "--run-dir", str(tmp_path), *SMALL, "--expert-frames", "128", cwd=tmp_path))
     assert "expert.pt is at frame 256, --expert-frames is 128" in line
+
+
+def test_run_killed_in_its_final_evaluation_resumes_there(tmp_path, monkeypatch):
+    cfg = small_cfg(run_dir=str(tmp_path), num_envs=8, num_steps=16, expert_frames=256, eval_episodes=2)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lapo, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lapo.run_expert(cfg)
+    assert not torch.load(tmp_path / "expert.pt", weights_only=True).get("finished")
+    monkeypatch.undo()
+    assert lapo.run_expert(cfg)["episodes"] == 2
+    assert torch.load(tmp_path / "expert.pt", weights_only=True)["finished"]
 
 
 def test_dataset_with_wrong_shapes(tmp_path):
