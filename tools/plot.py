@@ -106,6 +106,9 @@ def claim3(run, out, game):
     for name, label in methods.items():
         for ckpt in seed_checkpoints(run, name):
             state = torch.load(ckpt, weights_only=True)
+            if not state.get("finished"):  # its curve would stop short, and interp would hold it flat
+                print(f"[plot] claim 3: {ckpt.name} is unfinished, left out")
+                continue
             frames = state["config"]["ft_frames"]
             eps = [r for r in read_jsonl(ckpt.with_suffix(".jsonl")) if "episode_return" in r]
             if eps:  # the mean of the last (up to) 100 training episodes, on a common frame grid
@@ -114,8 +117,7 @@ def claim3(run, out, game):
                 ret = (c[k] - c[np.maximum(k - 100, 0)]) / np.minimum(k, 100)
                 grid = np.linspace(0, frames, 101)[1:]
                 curves.setdefault(label, []).append(np.interp(grid, [e["step"] for e in eps], lapo.relative_return(game, ret)))
-            if state.get("finished"):
-                finals.setdefault(label, []).append(state["results"]["relative"])
+            finals.setdefault(label, []).append(state["results"]["relative"])
     if not curves:
         return
     grid = np.linspace(0, frames, 101)[1:]
