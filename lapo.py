@@ -1447,7 +1447,8 @@ def write_atomic(path, text):
 
 def load_checkpoint(path, stage, cfg=None, finished=True):
     """Loads a stage's checkpoint, with one clear line for each way it can be wrong."""
-    path, command = Path(path), STAGE_COMMAND[stage.split("-")[0]]  # finetune-rl-seed1 -> finetune
+    kind = stage.split("-")[0]  # finetune-rl-seed1 -> finetune
+    path, command = Path(path), STAGE_COMMAND[kind]
     if not path.exists():
         raise LapoError(f"{path} not found: run `python lapo.py {command}` "
                         f"with the same --run-dir first")
@@ -1461,7 +1462,7 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
     if cfg is not None:  # a PPO agent (expert, ppo) is one network, sized by policy_scale alone
-        fields = ("policy_scale",) if stage.split("-")[0] in ("expert", "ppo") else NET_FIELDS
+        fields = ("policy_scale",) if kind in ("expert", "ppo") else NET_FIELDS
         diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
                 for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
