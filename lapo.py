@@ -101,7 +101,7 @@ class Config:
     s1_steps: int = arg(50_000, "stage-1 training steps")
     s1_batch: int = arg(128, "stage-1 batch")
     s1_lr: float = arg(3e-4, "stage-1 learning rate: from 0.1x over the warm-up, to 0.01x")
-    s1_warmup: int = arg(50, "stage-1 warm-up steps")
+    s1_warmup: int = arg(50, "stage-1 warm-up steps (at most half of --s1-steps)")
     s1_clip: float = arg(2.0, "stage-1 gradient-norm clip")
     probe_every: int = arg(5_000, "stage-1 steps between probes (latent -> true action)")
     probe_frames: int = arg(16_384, "held-out windows for the probe, half to fit, half to score")
@@ -110,7 +110,7 @@ class Config:
     s2_steps: int = arg(60_000, "stage-2 training steps")
     s2_batch: int = arg(128, "stage-2 batch")
     s2_lr: float = arg(2e-4, "stage-2 learning rate: from 0.01x over the warm-up, to 0")
-    s2_warmup: int = arg(1_000, "stage-2 warm-up steps")
+    s2_warmup: int = arg(1_000, "stage-2 warm-up steps (at most half of --s2-steps)")
     # stage 3 offline: latent policy + decoder fitted on a few labelled frames
     labels: int = arg(256, "labelled frames for decode")
     decode_steps: int = arg(2_000, "decoder (or BC) training steps")
@@ -229,6 +229,13 @@ FRAME_BYTES = 64 * 64 * 3
 def relative_return(game, ret):
     """0 = uniform-random policy, 1 = the paper's expert."""
     return (ret - RANDOM_RETURN[game]) / (EXPERT_RETURN[game] - RANDOM_RETURN[game])
+
+
+# Procgen draws every episode's level from the seed given to make_env, so each use of the
+# game has seeds of its own: PPO runs (the expert, fine-tuning, PPO from scratch) seed +
+# frames done, the dataset and evaluation far above. Fine-tuning then never replays the
+# levels of the dataset it imitated, and evaluation never plays a level of training.
+LEVEL_SEEDS = dict(train=1_000_000_000, test=1_100_000_000, eval=1_200_000_000)
 
 
 def make_env(game, num_envs, seed):
@@ -642,7 +649,9 @@ class Policy(nn.Module):
 
     def forward(self, x):
         h = self.cnn(x)
-        return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
+        with torch.autocast(h.device.type, enabled=False):  # fp32 heads: see RLSLPolicy
+            h = h.float()
+            return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
 
 
 def orthogonal_init(layer, std):
@@ -707,9 +716,13 @@ class RLSLPolicy(nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
-        logits = (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2
-        return logits, self.value(h_rl).squeeze(-1)
+        # the heads run in fp32 even under bf16 autocast: bf16 keeps 8 bits of a value, and
+        # GAE's r + gamma V' - V would then be mostly rounding error where rewards are sparse
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
+            logits = (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2
+            return logits, self.value(h_rl).squeeze(-1)
 
 
 def make_policy(kind, cfg):
@@ -955,14 +968,14 @@ class DecoderSL:
         self.la, self.ta, self.updates = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device), d["updates"]
 
 
-def evaluate(cfg, agent, episodes, seed=10_000):
+def evaluate(cfg, agent, episodes):
     """Plays exactly `episodes` episodes on the full level distribution (levels unseen in
-    training: another seed), sampling actions from the policy; returns their returns. Each
+    training: LEVEL_SEEDS), sampling actions from the policy; returns their returns. Each
     env plays a fixed share of the episodes, so short episodes are not favoured."""
     n_envs = min(episodes, 64)
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_env(cfg.env, n_envs, cfg.seed + seed)
-    torch.manual_seed(cfg.seed + seed)
+    envs = make_env(cfg.env, n_envs, LEVEL_SEEDS["eval"] + cfg.seed)
+    torch.manual_seed(LEVEL_SEEDS["eval"] + cfg.seed)
     obs, ep_ret = envs.reset()["rgb"], np.zeros(n_envs)
     returns = [[] for _ in range(n_envs)]
     agent.eval()
@@ -1022,7 +1035,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
             ep_ret, ep_len = ep_ret + reward, ep_len + 1
             for i in np.flatnonzero(done):
                 returns.append(float(ep_ret[i]))
-                log.log(done_frames + t * E + i, episode_return=float(ep_ret[i]),
+                log.log(done_frames + t * E + i + 1, episode_return=float(ep_ret[i]),
                         episode_length=int(ep_len[i]))
             ep_ret[done], ep_len[done] = 0, 0
             rewards[t] = torch.as_tensor(normalize(reward, done), device=dev)
@@ -1096,8 +1109,7 @@ def collect(cfg, random_policy=False, policy_path=None):
     <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
     chunks come from other levels (another seed). Resumes by appending new chunks."""
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
-    for split, frames, chunk_len, seed in [("train", cfg.train_frames, TRAIN_CHUNK, 0),
-                                           ("test", cfg.test_frames, TEST_CHUNK, 1_000_000)]:
+    for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
         chunk_len = min(chunk_len, frames)
         n_chunks = math.ceil(frames / chunk_len)
         folder = Path(cfg.data) / split
@@ -1127,7 +1139,7 @@ def collect(cfg, random_policy=False, policy_path=None):
         if need > free * 0.95:
             raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
                             f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
-        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, cfg.seed + seed + have)
+        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, LEVEL_SEEDS[split] + cfg.seed + have)
 
 
 def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):

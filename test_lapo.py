@@ -147,6 +147,16 @@ def test_rlsl_logits_are_the_mean_of_both_heads():
     assert trainable == {"fc_rl", "rl_head", "value"}  # SL alone fits the decoder
 
 
+def test_ppo_heads_compute_in_fp32_under_bf16_autocast():
+    """bf16 keeps 8 bits: values rounded to it would make GAE's advantages mostly noise."""
+    cfg = dataclasses.replace(small_cfg(), amp=True)
+    x = torch.rand(4, 3, 64, 64) - 0.5
+    for agent in (lapo.Policy(cfg.policy_scale, lapo.NUM_ACTIONS), lapo.RLSLPolicy(cfg)):
+        with lapo.autocast(cfg):
+            logits, value = agent(x)
+        assert logits.dtype == value.dtype == torch.float32
+
+
 def test_rlsl_starts_as_the_decoded_latent_policy():
     cfg = small_cfg()
     latent_policy = lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False)
@@ -408,6 +418,24 @@ def test_collect_keeps_episodes_still_running_at_the_end(tmp_path, monkeypatch):
     assert z["done"][game == 0].tolist() == [False] * 99 + [True]  # cut at the last step
     with pytest.raises(lapo.LapoError, match="holds 2 chunks, more than the 1 that --test-frames 4096 asks"):
         lapo.collect(dataclasses.replace(cfg, test_frames=4096), random_policy=True)
+
+
+def test_each_use_of_the_game_has_levels_of_its_own(tmp_path, monkeypatch):
+    """Procgen draws every episode's level from make_env's seed: fine-tuning must not replay
+    the levels of the dataset, nor evaluation a level of training, whatever the run's seed."""
+    seeds, make_env = [], lapo.make_env
+    monkeypatch.setattr(lapo, "make_env", lambda game, n, seed: seeds.append(seed) or make_env(game, n, seed))
+    used = {}
+    for seed in (0, 1):
+        cfg = small_cfg(run_dir=str(tmp_path / str(seed)), env="bossfight", seed=seed, num_envs=4, num_steps=8,
+                        train_frames=400, test_frames=400, expert_frames=64, eval_episodes=4)
+        lapo.collect(cfg, random_policy=True)
+        used.setdefault("train", []).append(seeds[-2])
+        used.setdefault("test", []).append(seeds[-1])
+        lapo.run_expert(cfg)  # PPO, as fine-tuning and PPO from scratch run it
+        used.setdefault("ppo", []).append(seeds[-2])
+        used.setdefault("eval", []).append(seeds[-1])
+    assert len(seeds) == 8 and len(set(seeds)) == 8, used
 
 
 def test_reads_compressed_chunks_written_by_others(tmp_path):
@@ -818,7 +846,7 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5"],
                        cwd=d, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive"))
+    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "action size:"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)

@@ -10,6 +10,13 @@ all of the test split), prints:
                action at t)
   dead units   how many of the IDM's 256 features are 0 on every one of ~1,024 windows, and
                how much the latent varies across windows (one that does not has collapsed)
+  momentum     the probe on the latent of the window before beside this one's: if the latent
+               held the scene's motion (velocity x action), not the action, the pair would
+               read the action where one alone cannot
+  action size  asked of the game, as lapo.action_groups does: from 256 states of random play,
+               how much o_{t+1} varies with the action (across one action of each group), against
+               how much it differs from o_t; compare with the FDM's error with shuffled latents,
+               which stage 1 logs (test_fdm_mse_shuffled): what the latent has to explain
 Memory: all windows of the cpu preset's test split and their frame differences, ~6 GB.
 """
 
@@ -33,6 +40,32 @@ def bits(x):
 def mutual_information(x, y):
     """I(x; y) = H(x) + H(y) - H(x, y), in bits, of two integer arrays."""
     return bits(x) + bits(y) - bits(x * (y.max() + 1) + y)
+
+
+def action_size(game, states=256, seed=0):
+    """Mean squared pixel difference (frames in [0, 1]) of o_{t+1} from its mean over one action
+    per group (the variance the action alone explains), and of o_{t+1} from o_t."""
+    from procgen import ProcgenGym3Env
+
+    E, groups = 64, lapo.action_groups(game)["groups"]
+    actions = [groups.index(g) for g in range(max(groups) + 1)]
+    env = ProcgenGym3Env(num=E, env_name=game, distribution_mode="easy", num_levels=0,
+                         start_level=0, rand_seed=seed)
+    rng, variance, change = np.random.default_rng(seed), [], []
+    for _ in range(max(1, states // E)):
+        for _ in range(8):  # wander to new states
+            env.act(rng.integers(lapo.NUM_ACTIONS, size=E).astype(np.int32))
+        now, saved, frames = env.observe()[1]["rgb"] / 255, env.get_state(), []
+        for a in actions:
+            env.set_state(saved)
+            env.act(np.full(E, a, np.int32))
+            frames.append(env.observe()[1]["rgb"] / 255)
+        env.set_state(saved)
+        frames = np.stack(frames, 1)  # (E, groups, 64, 64, 3)
+        variance.append(((frames - frames.mean(1, keepdims=True)) ** 2).mean())
+        change.append(((frames - now[:, None]) ** 2).mean())
+    env.close()
+    return float(np.mean(variance)), float(np.mean(change))
 
 
 def main():
@@ -82,6 +115,18 @@ def main():
             mi_shuffled = [mutual_information(tok, rng.permutation(group)) for tok in tokens.T]
             print(f"    t{lag:+d}: {np.mean(mi):.3f}, {np.max(mi):.3f} (of {bits(group):.2f}); "
                   f"shuffled {np.mean(mi_shuffled):.3f}, {np.max(mi_shuffled):.3f}")
+    pos = {tuple(ct): i for i, ct in enumerate(test.index.tolist())}
+    has_prev = [i for i, (c, t) in enumerate(test.index[idx]) if (c, t - 1) in pos]
+    prev_windows, _ = test.get(np.array([pos[(c, t - 1)] for c, t in test.index[idx[has_prev]]]))
+    la_prev, _ = lapo.latent_actions(cfg, idm, prev_windows)
+    y = group_t[has_prev]
+    print(f"  momentum: on the {len(has_prev)} windows with one before them, the probe on groups reads "
+          f"{lapo.probe_accuracy(la[has_prev], y, args.probe_steps):.3f} from the latent, "
+          f"{lapo.probe_accuracy(torch.cat([la_prev, la[has_prev]], 1), y, args.probe_steps):.3f} "
+          f"from it and the one before")
+    variance, change = action_size(cfg.env)
+    print(f"  action size: o_t+1 varies with the action by {variance:.5f} (mean squared, pixels in [0, 1]); "
+          f"it differs from o_t by {change:.5f} (random play, 256 states)")
     spread = windows[:: max(1, n // 1024)]  # about 1,024 windows over the whole test split
     with torch.no_grad():
         h = idm.cnn(lapo.to_input(spread, "cpu"))
