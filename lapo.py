@@ -248,33 +248,41 @@ def make_env(game, num_envs, seed):
                       distribution_mode="easy", rand_seed=seed)
 
 
-def action_groups(game, prior=None, states=512, seed=0):
-    """Which of the 15 actions do the same thing, asked of the game itself: in about `states`
-    states reached by random play (a multiple of 64), every action is stepped from the same
-    saved state. Actions whose next frames are identical in 95% of the states are joined, and
-    joined actions form a group (coinrun: LEFT = LEFT-DOWN; most games: the last six do
-    nothing). From o_{t+1} alone an action can be told only up to the actions that give the
-    same frame, so the ceilings are the accuracy of the best guess from the next frame, raw
-    and on groups, if actions were drawn from `prior` (15 probabilities, default uniform)
-    whatever the state. A probe can beat them where the policy's choice shows in o_t."""
+def next_frames(game, states=512, seed=0):
+    """Yields, for batches of 64 states reached by random play (about `states` in all), o_t
+    (64, 64, 64, 3) and the next frame of every action stepped from the same saved state
+    (64, 15, 64, 64, 3): what the game itself says each action does."""
     from procgen import ProcgenGym3Env
 
     E = 64
     env = ProcgenGym3Env(num=E, env_name=game, distribution_mode="easy", num_levels=0,
                          start_level=0, rand_seed=seed)
-    rng, same = np.random.default_rng(seed), []
+    rng = np.random.default_rng(seed)
     for _ in range(max(1, states // E)):
         for _ in range(8):  # wander to new states
             env.act(rng.integers(NUM_ACTIONS, size=E).astype(np.int32))
-        saved, frames = env.get_state(), []
+        now, saved, frames = env.observe()[1]["rgb"].copy(), env.get_state(), []
         for a in range(NUM_ACTIONS):
             env.set_state(saved)
             env.act(np.full(E, a, np.int32))
-            frames.append(env.observe()[1]["rgb"].reshape(E, -1).copy())
+            frames.append(env.observe()[1]["rgb"].copy())
         env.set_state(saved)
-        frames = np.stack(frames, 1)  # (E, 15, pixels)
-        same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(NUM_ACTIONS)], 1))
+        yield now, np.stack(frames, 1)
     env.close()
+
+
+def action_groups(game, prior=None, states=512, seed=0):
+    """Which of the 15 actions do the same thing, asked of the game itself (next_frames).
+    Actions whose next frames are identical in 95% of the states are joined, and
+    joined actions form a group (coinrun: LEFT = LEFT-DOWN; most games: the last six do
+    nothing). From o_{t+1} alone an action can be told only up to the actions that give the
+    same frame, so the ceilings are the accuracy of the best guess from the next frame, raw
+    and on groups, if actions were drawn from `prior` (15 probabilities, default uniform)
+    whatever the state. A probe can beat them where the policy's choice shows in o_t."""
+    same = []
+    for _, frames in next_frames(game, states, seed):
+        frames = frames.reshape(*frames.shape[:2], -1)  # (64, 15, pixels)
+        same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(NUM_ACTIONS)], 1))
     same = np.concatenate(same)  # (states, 15, 15): actions a and b give the same next frame
     group = np.arange(NUM_ACTIONS)
     for a, b in zip(*np.nonzero(same.mean(0) >= 0.95)):
@@ -649,7 +657,9 @@ class Policy(nn.Module):
 
     def forward(self, x):
         h = self.cnn(x)
-        with torch.autocast(h.device.type, enabled=False):  # fp32 heads: see RLSLPolicy
+        # the heads run in fp32 even under bf16 autocast: bf16 keeps 8 bits of a value, and
+        # GAE's r + gamma V' - V would then be mostly rounding error where rewards are sparse
+        with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
 
@@ -716,9 +726,7 @@ class RLSLPolicy(nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        # the heads run in fp32 even under bf16 autocast: bf16 keeps 8 bits of a value, and
-        # GAE's r + gamma V' - V would then be mostly rounding error where rewards are sparse
-        with torch.autocast(h.device.type, enabled=False):
+        with torch.autocast(h.device.type, enabled=False):  # fp32 heads, as in Policy
             h = h.float()
             h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
             logits = (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2
@@ -974,8 +982,9 @@ def evaluate(cfg, agent, episodes):
     env plays a fixed share of the episodes, so short episodes are not favoured."""
     n_envs = min(episodes, 64)
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_env(cfg.env, n_envs, LEVEL_SEEDS["eval"] + cfg.seed)
-    torch.manual_seed(LEVEL_SEEDS["eval"] + cfg.seed)
+    seed = LEVEL_SEEDS["eval"] + cfg.seed
+    envs = make_env(cfg.env, n_envs, seed)
+    torch.manual_seed(seed)
     obs, ep_ret = envs.reset()["rgb"], np.zeros(n_envs)
     returns = [[] for _ in range(n_envs)]
     agent.eval()

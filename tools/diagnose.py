@@ -13,7 +13,7 @@ all of the test split), prints:
   momentum     the probe on the latent of the window before beside this one's: if the latent
                held the scene's motion (velocity x action), not the action, the pair would
                read the action where one alone cannot
-  action size  asked of the game, as lapo.action_groups does: from 256 states of random play,
+  action size  asked of the game (lapo.next_frames): from 256 states of random play,
                how much o_{t+1} varies with the action (across one action of each group), against
                how much it differs from o_t; compare with the FDM's error with shuffled latents,
                which stage 1 logs (test_fdm_mse_shuffled): what the latent has to explain
@@ -42,29 +42,16 @@ def mutual_information(x, y):
     return bits(x) + bits(y) - bits(x * (y.max() + 1) + y)
 
 
-def action_size(game, states=256, seed=0):
+def action_size(game, states=256):
     """Mean squared pixel difference (frames in [0, 1]) of o_{t+1} from its mean over one action
     per group (the variance the action alone explains), and of o_{t+1} from o_t."""
-    from procgen import ProcgenGym3Env
-
-    E, groups = 64, lapo.action_groups(game)["groups"]
+    groups = lapo.action_groups(game)["groups"]
     actions = [groups.index(g) for g in range(max(groups) + 1)]
-    env = ProcgenGym3Env(num=E, env_name=game, distribution_mode="easy", num_levels=0,
-                         start_level=0, rand_seed=seed)
-    rng, variance, change = np.random.default_rng(seed), [], []
-    for _ in range(max(1, states // E)):
-        for _ in range(8):  # wander to new states
-            env.act(rng.integers(lapo.NUM_ACTIONS, size=E).astype(np.int32))
-        now, saved, frames = env.observe()[1]["rgb"] / 255, env.get_state(), []
-        for a in actions:
-            env.set_state(saved)
-            env.act(np.full(E, a, np.int32))
-            frames.append(env.observe()[1]["rgb"] / 255)
-        env.set_state(saved)
-        frames = np.stack(frames, 1)  # (E, groups, 64, 64, 3)
+    variance, change = [], []
+    for now, frames in lapo.next_frames(game, states):
+        frames, now = frames[:, actions] / 255, now[:, None] / 255  # (64, groups, 64, 64, 3)
         variance.append(((frames - frames.mean(1, keepdims=True)) ** 2).mean())
-        change.append(((frames - now[:, None]) ** 2).mean())
-    env.close()
+        change.append(((frames - now) ** 2).mean())
     return float(np.mean(variance)), float(np.mean(change))
 
 
