@@ -1116,11 +1116,14 @@ def load_policy(cfg, path):
 def collect(cfg, random_policy=False, policy_path=None):
     """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
     <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
-    chunks come from other levels (another seed). Resumes by appending new chunks."""
+    chunks come from other levels (another seed). Resumes by appending new chunks. Returns
+    the frames per split: --train-frames and --test-frames rounded up to whole chunks."""
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
+    frames_written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
         chunk_len = min(chunk_len, frames)
         n_chunks = math.ceil(frames / chunk_len)
+        frames_written[split] = n_chunks * chunk_len
         folder = Path(cfg.data) / split
         folder.mkdir(parents=True, exist_ok=True)
         for tmp in folder.glob("*.tmp.npz"):  # left by a crash mid-write
@@ -1149,6 +1152,7 @@ def collect(cfg, random_policy=False, policy_path=None):
             raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
                             f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
         collect_split(cfg, agent, folder, have, n_chunks, chunk_len, LEVEL_SEEDS[split] + cfg.seed + have)
+    return frames_written
 
 
 def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
@@ -1271,6 +1275,8 @@ def stage2(cfg):
     if state and state.get("finished"):
         return state["results"]
     idm = load_idm(cfg)
+    if state:
+        check_same_idm(path, state, idm)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
     rng = seed_everything(cfg.seed)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
@@ -1305,7 +1311,8 @@ def stage2(cfg):
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
                 results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
-            save_checkpoint(path, cfg, policy=policy, opt=opt, step=step, finished=finished, results=results)
+            save_checkpoint(path, cfg, policy=policy, opt=opt, step=step, finished=finished, results=results,
+                            idm_sum=weight_sum(idm))
             last_save = time.time()
     if rank == 0:
         print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
@@ -1313,8 +1320,23 @@ def stage2(cfg):
     return results
 
 
-def load_latent_policy(cfg):
-    ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
+def weight_sum(module):
+    """A fingerprint of a network's weights."""
+    return sum(p.double().sum().item() for p in module.parameters())
+
+
+def check_same_idm(path, ckpt, idm):
+    """Stage 2 records the weight sum of the IDM whose latents it imitates: decoding (or
+    resuming) it with the latents of a re-trained IDM would give wrong numbers silently."""
+    if not math.isclose(ckpt.get("idm_sum", math.nan), weight_sum(idm), rel_tol=1e-6):
+        raise LapoError(f"{path} imitates the latents of another stage1.pt than the one beside it: "
+                        f"delete it and re-run `python lapo.py stage2`")
+
+
+def load_latent_policy(cfg, idm):
+    path = Path(cfg.run_dir) / "stage2.pt"
+    ckpt = load_checkpoint(path, "stage2", cfg)
+    check_same_idm(path, ckpt, idm)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
     policy.load_state_dict(ckpt["policy"])
     return policy
@@ -1335,12 +1357,15 @@ def decode(cfg, bc=False):
     ta = torch.as_tensor(ta, device=cfg.device)
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        x, net, kind = to_input(windows[:, 1], cfg.device), nn.Sequential(agent.cnn, agent.head), "policy"
+        x, kind, params = to_input(windows[:, 1], cfg.device), "policy", agent.parameters()
+        net = lambda obs: agent(obs)[0]  # Policy.forward, as it acts: its head in fp32
     else:  # latent action -> a_t: the rest was learnt without labels
-        agent = DecodedPolicy(cfg, load_latent_policy(cfg)).to(cfg.device, memory_format=torch.channels_last)
-        la, _ = latent_actions(cfg, load_idm(cfg), windows)
+        idm = load_idm(cfg)
+        agent = DecodedPolicy(cfg, load_latent_policy(cfg, idm)).to(cfg.device, memory_format=torch.channels_last)
+        la, _ = latent_actions(cfg, idm, windows)
         x, net, kind = la.to(cfg.device), agent.decoder, "decoded"
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
+        params = net.parameters()
+    opt = torch.optim.Adam(params, lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
     for _ in range(cfg.decode_steps):
         i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
@@ -1367,7 +1392,7 @@ def finetune(cfg, sl=True, scratch=False):
         return state["results"]
     idm = load_idm(cfg)
     seed_everything(cfg.seed)
-    agent = RLSLPolicy(cfg, load_latent_policy(cfg), sl).to(cfg.device, memory_format=torch.channels_last)
+    agent = RLSLPolicy(cfg, load_latent_policy(cfg, idm), sl).to(cfg.device, memory_format=torch.channels_last)
     opt, lr_fn = finetune_optimizer(cfg, agent, sl)
     t0 = time.time()
     done_frames = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path, state,
@@ -1408,10 +1433,10 @@ def pipeline(cfg):
         t0 = time.time()
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
-    ex, s1, s2, dec, ft = (out[k] for k in ("expert", "stage1", "stage2", "decode", "finetune"))
+    ex, data, s1, s2, dec, ft = (out[k] for k in ("expert", "collect", "stage1", "stage2", "decode", "finetune"))
     rows = [
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
-        ("collect", f"{cfg.train_frames} + {cfg.test_frames} frames", "", "collect"),
+        ("collect", f"{data['train']} + {data['test']} frames", "", "collect"),
         ("stage1 probe (latent)", f"acc {s1['probe_la']:.3f}",
          f"majority {s1['majority']:.3f}, frame-diff {s1['probe_frame_diff']:.3f}, ceiling {s1['ceiling']:.3f}", "stage1"),
         (f"  on {max(s1['groups']) + 1} action groups", f"acc {s1['probe_la_merged']:.3f}",

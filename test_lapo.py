@@ -410,8 +410,8 @@ class FakeGames:
 
 def test_collect_keeps_episodes_still_running_at_the_end(tmp_path, monkeypatch):
     monkeypatch.setattr(lapo, "make_env", FakeGames)
-    cfg = small_cfg(run_dir=str(tmp_path), num_envs=4, train_frames=400, test_frames=8192)
-    lapo.collect(cfg, random_policy=True)
+    cfg = small_cfg(run_dir=str(tmp_path), num_envs=4, train_frames=400, test_frames=5000)
+    assert lapo.collect(cfg, random_policy=True) == dict(train=400, test=8192)  # whole chunks of 4,096
     z = np.load(tmp_path / "data" / "train" / "0.npz")
     game = z["obs"][:, 0, 0, 0]
     assert [(game == i).sum() for i in range(4)] == [100] * 4  # every game's 100 steps, the longest too
@@ -551,6 +551,16 @@ def test_stage_out_of_order_names_the_command_to_run(tmp_path):
     assert "stage1.pt not found" in line and "python lapo.py stage1" in line
     line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
     assert "no dataset chunks" in line and "collect" in line
+
+
+def test_stage1_trained_again_after_stage2_is_named(pipeline_run, tmp_path):
+    d, _ = pipeline_run
+    ckpt = torch.load(d / "stage1.pt", weights_only=True)
+    ckpt["idm"]["head.weight"] += 0.01  # as if stage 1 had been trained again since stage 2
+    torch.save(ckpt, tmp_path / "stage1.pt")
+    (tmp_path / "stage2.pt").write_bytes((d / "stage2.pt").read_bytes())
+    line = error_line(run("decode", "--run-dir", str(tmp_path), "--data", str(d / "data"), *SMALL, cwd=tmp_path))
+    assert "stage2.pt imitates the latents of another stage1.pt" in line and "stage2" in line
 
 
 def test_corrupt_chunk_and_checkpoint_are_named(pipeline_run, tmp_path):
