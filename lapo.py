@@ -1275,6 +1275,7 @@ def stage2(cfg):
     if state and state.get("finished"):
         return state["results"]
     idm = load_idm(cfg)
+    idm_sum = weight_sum(idm)  # frozen: computed once
     if state:
         check_same_idm(path, state, idm)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
@@ -1312,7 +1313,7 @@ def stage2(cfg):
             if finished:
                 results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
             save_checkpoint(path, cfg, policy=policy, opt=opt, step=step, finished=finished, results=results,
-                            idm_sum=weight_sum(idm))
+                            idm_sum=idm_sum)
             last_save = time.time()
     if rank == 0:
         print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
