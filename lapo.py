@@ -533,9 +533,11 @@ class VectorQuantizerEMA(nn.Module):
                     self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
                     self.ema_count.copy_(torch.where(dead[..., 0], 1.0, self.ema_count))
                     self.idle_steps.mul_(~dead[..., 0])
-                n = self.ema_count.sum(-1, keepdim=True)  # Laplace smoothing: no division by 0
-                count = (self.ema_count + self.eps) / (n + K * self.eps) * n
-                self.codebook.copy_(self.ema_sum / count.unsqueeze(-1))
+                n = self.ema_count.sum(-1, keepdim=True)  # Laplace smoothing: no division by 0,
+                # kept in the counts as the authors do (an idle code's count then settles near
+                # eps / (1 - decay) rather than decaying to 0)
+                self.ema_count.copy_((self.ema_count + self.eps) / (n + K * self.eps) * n)
+                self.codebook.copy_(self.ema_sum / self.ema_count.unsqueeze(-1))
         commitment = self.beta * F.mse_loss(x, q.detach())
         q = x + (q - x).detach()  # straight-through: forward is q, gradient flows to x
         usage = onehot.mean(1)  # (G, K)

@@ -86,6 +86,21 @@ def test_vq_ema_moves_used_codes_toward_inputs():
     assert (cos > 0.99).all()
 
 
+def test_vq_ema_counts_are_laplace_smoothed_as_the_authors():
+    """Two steps by hand: decay, add this batch's counts, smooth, and keep the smoothed
+    counts (an unpicked code's count becomes ~eps, not 0, as in the authors' quantiser)."""
+    torch.manual_seed(0)
+    vq = lapo.VectorQuantizerEMA(codebooks=2, codes=8, dim=4, beta=0.05, decay=0.9, count_init=0.0).train()
+    want = vq.ema_count.double()
+    for _ in range(2):
+        codes = vq(torch.randn(16, 2 * 3 * 4))[3]  # (16, G, 3)
+        picked = torch.stack([torch.bincount(codes[:, g].flatten(), minlength=8) for g in range(2)])
+        want = 0.9 * want + 0.1 * picked.double()
+        n = want.sum(-1, keepdim=True)
+        want = (want + vq.eps) / (n + 8 * vq.eps) * n
+    assert (want > 0).all() and torch.allclose(vq.ema_count.double(), want, rtol=1e-5, atol=0)
+
+
 # --- networks ---------------------------------------------------------------------------
 
 
