@@ -706,8 +706,8 @@ class RLSLPolicy(nn.Module):
       RL path: the latent policy's linear layer (tuned by PPO), a zero-initialised action
                head and a value head.
     The logits are the mean of both paths. The RL head starts at 0, so the agent acts as the
-    latent policy through the decoder (a random one until SL first fits it), and RL only has
-    to correct it. With sl=False (RL only) PPO trains the decoder instead of SL."""
+    latent policy through the decoder at temperature 2 (the halved logits, as in the authors'
+    code; a random decoder until SL first fits it), and RL only has to correct it. With sl=False (RL only) PPO trains the decoder instead of SL."""
 
     def __init__(self, cfg, latent_policy=None, sl=True):
         super().__init__()
@@ -1010,7 +1010,8 @@ def evaluate(cfg, agent, episodes):
 
 
 def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_update=None):
-    """PPO as in CleanRL's ppo_procgen: collect num_steps in num_envs, GAE, update.
+    """PPO after CleanRL's ppo_procgen (collect num_steps in num_envs, GAE, update), with the
+    authors' fine-tuning sizes (num_steps 64, where CleanRL's has 256).
     lr_fn(frames) gives each optimiser group's learning rate. after_update(obs, actions,
     dones, frames) sees every rollout after its update (RL+SL fits its decoder there) and is
     checkpointed with the run. state: the unfinished checkpoint to resume (resume_state), or
