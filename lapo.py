@@ -707,7 +707,8 @@ class RLSLPolicy(nn.Module):
                head and a value head.
     The logits are the mean of both paths. The RL head starts at 0, so the agent acts as the
     latent policy through the decoder at temperature 2 (the halved logits, as in the authors'
-    code; a random decoder until SL first fits it), and RL only has to correct it. With sl=False (RL only) PPO trains the decoder instead of SL."""
+    code; a random decoder until SL first fits it), and RL only has to correct it.
+    With sl=False (RL only) PPO trains the decoder instead of SL."""
 
     def __init__(self, cfg, latent_policy=None, sl=True):
         super().__init__()
