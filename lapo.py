@@ -150,7 +150,7 @@ PRESETS = {
     # the whole pipeline in minutes: a smoke test whose output is still worth reading
     "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
                  num_envs=32, num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
-                 train_frames=32_768, test_frames=8_192, s1_steps=500, s1_lr=1e-3,
+                 train_frames=32_768, test_frames=8_192, s1_steps=500, s1_batch=64, s1_lr=1e-3,
                  probe_every=250, probe_frames=4_096, probe_steps=150, s2_steps=500,
                  s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=65_536,
                  ft_schedule_scale=0.05, ckpt_every_s=60),
