@@ -371,6 +371,13 @@ def test_probe_survives_features_constant_where_it_is_fitted():
     assert lapo.probe_accuracy(torch.cat([signal, junk], 1), y, steps=100) > clean - 0.05
 
 
+def test_majority_bar_is_fitted_and_scored_like_the_probe():
+    """Its class comes from the fitting half, its score from the scored half: scoring the
+    commonest class of all windows on all windows would flatter the bar."""
+    y = torch.tensor([0, 0, 0, 1] + [1, 1, 1, 0])  # commonest overall: 0 and 1 tie; fitted: 0
+    assert lapo.majority_accuracy(y) == 0.25
+
+
 # --- data -------------------------------------------------------------------------------
 
 
@@ -519,6 +526,9 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     assert r.returncode == 0 and "[bc-32] return" in r.stdout, r.stderr[-3000:]
     r = run("decode", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # another seed, beside seed 0's
     assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
+    r = run("collect", "--policy", str(d / "decode-32.pt"), "--data", str(d / "decoded"), "--run-dir", str(d),
+            *SMALL, cwd=d)  # a policy without a critic can make a dataset too
+    assert r.returncode == 0 and lapo.Dataset(d / "decoded", "test").frames > 0, r.stderr[-3000:]
     for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "ppo-seed1.pt", "random"]:
         lapo.main(["eval", "--policy", policy if policy == "random" else str(d / policy),  # in-process: faster
                    "--eval-episodes", "2", "--run-dir", str(d), *SMALL])
@@ -545,6 +555,9 @@ def test_help_lists_the_flags_a_subcommand_reads_with_the_presets_values(capsys)
     assert "--s1-lr X stage-1 learning rate" in helps["stage1"] and "(tiny: 0.001)" in helps["stage1"]
     assert "--s1-lr" not in helps["eval"] and "--eval-episodes N" in helps["eval"] and "(tiny: 32)" in helps["eval"]
     assert lapo.build_parser().parse_args(["eval", "--policy", "random", "--s1-lr", "1"]).s1_lr == 1  # still accepted
+    with pytest.raises(SystemExit, match="2"):  # no command at all: the whole help, with where to start
+        lapo.main([])
+    assert "start here: python lapo.py pipeline --preset tiny" in capsys.readouterr().err
 
 
 def test_unknown_game(tmp_path):
