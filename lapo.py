@@ -113,7 +113,8 @@ class Config:
     s2_warmup: int = arg(1_000, "stage-2 warm-up steps (at most half of --s2-steps)")
     # stage 3 offline: latent policy + decoder fitted on a few labelled frames
     labels: int = arg(256, "labelled frames for decode")
-    decode_steps: int = arg(2_000, "decoder (or BC) training steps")
+    decode_epochs: int = arg(100, "passes of the decoder over the labelled frames")
+    bc_epochs: int = arg(25, "passes of BC over them (where its held-out accuracy peaks, sooner)")
     decode_lr: float = arg(1e-3, "decoder (or BC) learning rate")
     decode_wd: float = arg(1e-4, "decoder (or BC) weight decay")
     eval_episodes: int = arg(100, "episodes of the final evaluation of every policy")
@@ -146,13 +147,13 @@ PRESETS = {
                 num_envs=64, num_steps=64, minibatches=4, epochs=2, expert_frames=1_000_000,
                 train_frames=262_144, test_frames=32_768, s1_steps=3_000, s1_lr=1e-3,
                 probe_every=500, probe_frames=8_192, probe_steps=300, s2_steps=3_000,
-                s2_lr=1e-3, decode_steps=1_000, ft_frames=500_000, ft_schedule_scale=0.25),
+                s2_lr=1e-3, ft_frames=500_000, ft_schedule_scale=0.25),
     # the whole pipeline in minutes: a smoke test whose output is still worth reading
     "tiny": dict(idm_scale=0.5, policy_scale=0.5, fdm_width=8, fdm_residual=True, vq_reset_after=20,
                  num_envs=32, num_steps=32, minibatches=2, epochs=2, expert_frames=98_304,
                  train_frames=32_768, test_frames=8_192, s1_steps=500, s1_batch=64, s1_lr=1e-3,
                  probe_every=250, probe_frames=4_096, probe_steps=150, s2_steps=500,
-                 s2_lr=1e-3, decode_steps=300, eval_episodes=32, ft_frames=65_536,
+                 s2_lr=1e-3, eval_episodes=32, ft_frames=65_536,
                  ft_schedule_scale=0.05, ckpt_every_s=60),
 }
 # fields a checkpoint's network must agree on with the flags that load it
@@ -691,11 +692,18 @@ class DecodedPolicy(nn.Module):
         return self.decoder(la), None
 
 
-class UniformPolicy(nn.Module):
-    """The random reference: every action equally likely."""
+class ActionPrior(nn.Module):
+    """A policy blind to the screen, drawing actions from fixed probabilities: uniform (the
+    random reference) or the action mix of a few labels (decode's blind baseline: on a game
+    where one direction mostly wins, a bar well above random)."""
+
+    def __init__(self, probs=None):
+        super().__init__()
+        probs = torch.full((NUM_ACTIONS,), 1 / NUM_ACTIONS) if probs is None else torch.as_tensor(probs)
+        self.register_buffer("logits", probs.float().log())
 
     def forward(self, x):
-        return torch.zeros(len(x), NUM_ACTIONS, device=x.device), None
+        return self.logits.to(x.device).expand(len(x), -1), None
 
 
 class RLSLPolicy(nn.Module):
@@ -744,6 +752,8 @@ def make_policy(kind, cfg):
         return DecodedPolicy(cfg)
     if kind == "rlsl":
         return RLSLPolicy(cfg)
+    if kind == "prior":
+        return ActionPrior()
     raise LapoError(f"checkpoint kind {kind!r} cannot act")
 
 
@@ -1114,8 +1124,9 @@ def run_expert(cfg, name="expert", frames=None):
 
 
 def load_policy(cfg, path):
-    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, finetune, ppo)."""
-    stage = Path(path).stem.split("-")[0].replace("bc", "decode")
+    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, ppo)."""
+    stage = Path(path).stem.split("-")[0]
+    stage = "decode" if stage in ("bc", "prior") else stage
     ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
     if "kind" not in ckpt:
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, finetune.pt or ppo.pt")
@@ -1354,41 +1365,53 @@ def load_latent_policy(cfg, idm):
     return policy
 
 
-def decode(cfg, bc=False):
+def decode(cfg, bc=False, prior=False):
     """Offline decoding: fits a decoder latent action -> true action on --labels labelled
     transitions (IDM latents of those transitions), then plays latent policy + decoder.
-    bc=True is the baseline: the same policy network trained from scratch by behaviour
-    cloning on the same labelled frames."""
-    path, state = resume_state(cfg, f"{'bc' if bc else 'decode'}-{cfg.labels}{seed_suffix(cfg)}", "decode")
+    Two baselines on the same labelled frames: bc=True, the same policy network trained from
+    scratch by behaviour cloning; prior=True, the labels' action mix played blind to the
+    screen. Decoder and BC train for a number of passes over the labels (a fixed step count
+    would pass over 256 labels 4x as often as over 1,024, and memorise them), each its own,
+    where its accuracy on held-out windows peaked; they report it beside the fit's."""
+    name = "bc" if bc else "prior" if prior else "decode"
+    path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
     if state and state.get("finished"):
         return state["results"]
     t0 = time.time()
-    train = Dataset(cfg.data, "train")
+    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
     rng = seed_everything(cfg.seed)
     windows, ta = train.get(rng.choice(len(train), size=min(cfg.labels, len(train)), replace=False))
-    ta = torch.as_tensor(ta, device=cfg.device)
+    if prior:
+        agent = ActionPrior(np.bincount(ta, minlength=NUM_ACTIONS) / len(ta))
+        return evaluate_and_finish(cfg, path, agent, "prior", t0, 0, labels=cfg.labels)
+    test_windows, test_ta = test.get(np.arange(0, len(test), max(1, len(test) // 2048)))  # for evaluation only
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        x, kind, params = to_input(windows[:, 1], cfg.device), "policy", agent.parameters()
+        features, kind, params = (lambda w: to_input(w[:, 1], cfg.device)), "policy", agent.parameters()
         net = lambda obs: agent(obs)[0]  # Policy.forward, as it acts: its head in fp32
     else:  # latent action -> a_t: the rest was learnt without labels
         idm = load_idm(cfg)
         agent = DecodedPolicy(cfg, load_latent_policy(cfg, idm)).to(cfg.device, memory_format=torch.channels_last)
-        la, _ = latent_actions(cfg, idm, windows)
-        x, net, kind = la.to(cfg.device), agent.decoder, "decoded"
+        features, net, kind = (lambda w: latent_actions(cfg, idm, w)[0].to(cfg.device)), agent.decoder, "decoded"
         params = net.parameters()
+    x, ta = features(windows), torch.as_tensor(ta, device=cfg.device)
+    batch = min(256, len(x))
+    steps = max(1, (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch)
     opt = torch.optim.Adam(params, lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
-    for _ in range(cfg.decode_steps):
-        i = torch.randint(len(x), (min(256, len(x)),), device=cfg.device)
+    for _ in range(steps):
+        i = torch.randint(len(x), (batch,), device=cfg.device)
         with autocast(cfg):
             loss = F.cross_entropy(net(x[i]).float(), ta[i])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    agent.eval()
     with torch.no_grad(), autocast(cfg):
         train_acc = (net(x).argmax(-1) == ta).float().mean().item()
-    return evaluate_and_finish(cfg, path, agent, kind, t0, cfg.decode_steps, labels=cfg.labels, train_acc=train_acc)
+        test_acc = (net(features(test_windows)).argmax(-1).cpu() == torch.as_tensor(test_ta)).float().mean().item()
+    return evaluate_and_finish(cfg, path, agent, kind, t0, steps, labels=cfg.labels, train_acc=train_acc,
+                               test_acc=test_acc)
 
 
 def finetune(cfg, sl=True, scratch=False):
@@ -1429,7 +1452,7 @@ def finetune_optimizer(cfg, agent, sl):
 
 
 def evaluate_checkpoint(cfg, path, episodes):
-    agent = UniformPolicy() if path == "random" else load_policy(cfg, path)
+    agent = ActionPrior() if path == "random" else load_policy(cfg, path)
     r = return_summary(cfg, evaluate(cfg, agent, episodes))
     print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
           f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
@@ -1437,15 +1460,16 @@ def evaluate_checkpoint(cfg, path, episodes):
 
 
 def pipeline(cfg):
-    """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
-    Every stage skips itself when its checkpoint is finished, so a re-run resumes."""
+    """expert -> collect -> stage1 -> stage2 -> decode (and its blind baseline) -> finetune,
+    then one results table. Every stage skips itself when finished, so a re-run resumes."""
     out, minutes = {}, {}
+    prior = lambda cfg: decode(cfg, prior=True)
     for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1),
-                     ("stage2", stage2), ("decode", decode), ("finetune", finetune)]:
+                     ("stage2", stage2), ("decode", decode), ("prior", prior), ("finetune", finetune)]:
         t0 = time.time()
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
-    ex, data, s1, s2, dec, ft = (out[k] for k in ("expert", "collect", "stage1", "stage2", "decode", "finetune"))
+    ex, data, s1, s2, dec, pr, ft = out.values()
     rows = [
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
         ("collect", f"{data['train']} + {data['test']} frames", "", "collect"),
@@ -1460,6 +1484,7 @@ def pipeline(cfg):
          f"copy-last-frame {s1['test_copy_mse']:.5f}, shuffled latents {s1['test_fdm_mse_shuffled']:.5f}", ""),
         ("stage2 latent BC held-out MSE", f"{s2['test_mse']:.3g}", f"mean-latent {s2['mean_baseline_mse']:.3g}", "stage2"),
         (f"decode ({dec['labels']} labels)", f"return {dec['mean']:.2f}", f"relative {dec['relative']:.2f}", "decode"),
+        ("  blind: the labels' action mix", f"return {pr['mean']:.2f}", f"relative {pr['relative']:.2f}", "prior"),
         (f"finetune RL+SL ({cfg.ft_frames} frames)", f"return {ft['mean']:.2f}", f"relative {ft['relative']:.2f}", "finetune"),
     ]
     lines = [f"LAPO on {cfg.env}, preset {cfg.preset} (returns: random {RANDOM_RETURN[cfg.env]}, "
@@ -1712,7 +1737,7 @@ USES = dict(
     stage1=("vq_beta", "vq_decay", "vq_count_init", "vq_reset_after", "s1_steps", "s1_batch",
             "s1_lr", "s1_warmup", "s1_clip", "probe_every", "probe_frames", "probe_steps", "ckpt_every_s"),
     stage2=("s2_steps", "s2_batch", "s2_lr", "s2_warmup", "ckpt_every_s"),
-    decode=("labels", "decode_steps", "decode_lr", "decode_wd", "eval_episodes"),
+    decode=("labels", "decode_epochs", "bc_epochs", "decode_lr", "decode_wd", "eval_episodes"),
     finetune=PPO_FIELDS + ("expert_lr", "expert_ent", "ft_frames", "ft_lr", "ft_ent", "ft_schedule_scale",
                            "sl_start", "sl_dense", "sl_end", "sl_every", "sl_epochs", "sl_batch",
                            "sl_smoothing", "eval_episodes", "ckpt_every_s"),
@@ -1755,7 +1780,9 @@ def build_parser(preset="paper"):
             p.add_argument("--policy", help="checkpoint to roll out (default: <run-dir>/expert.pt)")
         if name == "decode":
             p.add_argument("--bc", action="store_true",
-                           help="the baseline: behaviour cloning from scratch on the same labels")
+                           help="a baseline: behaviour cloning from scratch on the same labels")
+            p.add_argument("--prior", action="store_true",
+                           help="a baseline: the same labels' action mix, played blind to the screen")
         if name == "finetune":
             p.add_argument("--no-sl", action="store_true", help="RL only: PPO also trains the decoder")
             p.add_argument("--scratch", action="store_true",
@@ -1791,7 +1818,9 @@ def main(argv=None):
         elif args.command == "stage2":
             stage2(cfg)
         elif args.command == "decode":
-            decode(cfg, bc=args.bc)
+            if args.bc and args.prior:
+                raise LapoError("--bc and --prior are two baselines: run them one at a time")
+            decode(cfg, bc=args.bc, prior=args.prior)
         elif args.command == "finetune":
             if args.scratch and args.no_sl:
                 raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")

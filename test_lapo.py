@@ -27,7 +27,7 @@ SMALL = ["--preset", "tiny", "--idm-scale", "0.25", "--policy-scale", "0.25", "-
          "--num-envs", "8", "--num-steps", "16", "--expert-frames", "256",
          "--train-frames", "2048", "--test-frames", "1024", "--s1-steps", "4", "--s1-batch", "16",
          "--probe-every", "2", "--probe-frames", "64", "--probe-steps", "5", "--s2-steps", "4",
-         "--s2-batch", "16", "--decode-steps", "5", "--labels", "32", "--eval-episodes", "2",
+         "--s2-batch", "16", "--labels", "32", "--decode-epochs", "5", "--bc-epochs", "3", "--eval-episodes", "2",
          "--ft-frames", "256", "--ft-schedule-scale", "0.001", "--ckpt-every-s", "1"]
 
 
@@ -353,8 +353,19 @@ def test_action_groups_are_read_from_the_game():
 
 @pytest.mark.parametrize("episodes", [3, 70])
 def test_evaluate_plays_exactly_the_episodes_asked(episodes):
-    returns = lapo.evaluate(small_cfg(env="bossfight"), lapo.UniformPolicy(), episodes)  # short episodes
+    returns = lapo.evaluate(small_cfg(env="bossfight"), lapo.ActionPrior(), episodes)  # short episodes
     assert len(returns) == episodes
+
+
+def test_action_prior_draws_from_its_probabilities_whatever_the_screen():
+    probs = np.zeros(15)
+    probs[[3, 7]] = 0.25, 0.75
+    logits, _ = lapo.ActionPrior(probs)(torch.rand(4000, 3, 64, 64))
+    torch.manual_seed(0)
+    a = torch.distributions.Categorical(logits=logits).sample()
+    assert set(a.tolist()) == {3, 7} and abs((a == 7).float().mean().item() - 0.75) < 0.03
+    uniform = lapo.ActionPrior()(torch.rand(2, 3, 64, 64))[0]
+    assert torch.allclose(uniform.softmax(-1), torch.full((2, 15), 1 / 15))
 
 
 def test_probe_survives_features_constant_where_it_is_fitted():
@@ -506,7 +517,7 @@ def test_pipeline_runs_every_stage_and_prints_the_table(pipeline_run):
     d, r = pipeline_run
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     table = (d / "results.txt").read_text()
-    for row in ["expert", "stage1 probe", "majority", "stage2", "decode (32 labels)", "finetune RL+SL"]:
+    for row in ["expert", "stage1 probe", "majority", "stage2", "decode (32 labels)", "action mix", "finetune RL+SL"]:
         assert row in table
     for stage in ["expert", "stage1", "stage2", "finetune"]:
         ckpt = torch.load(d / f"{stage}.pt", weights_only=True)  # plain data, loads anywhere
@@ -524,12 +535,17 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     assert torch.load(d / "ppo-seed1.pt", weights_only=True)["finished"]
     r = run("decode", "--bc", "--run-dir", str(d), *SMALL, cwd=d)  # the baseline of claim 2
     assert r.returncode == 0 and "[bc-32] return" in r.stdout, r.stderr[-3000:]
+    assert torch.load(d / "bc-32.pt", weights_only=True)["step"] == 3  # --bc-epochs 3 passes over 32 labels
     r = run("decode", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # another seed, beside seed 0's
     assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
+    lapo.main(["decode", "--run-dir", str(d), *SMALL, "--labels", "512", "--decode-epochs", "2"])
+    ckpt = torch.load(d / "decode-512.pt", weights_only=True)  # 2 passes over 512 labels, in batches of 256
+    assert ckpt["step"] == 4 and 0 <= ckpt["results"]["test_acc"] <= 1
     r = run("collect", "--policy", str(d / "decode-32.pt"), "--data", str(d / "decoded"), "--run-dir", str(d),
             *SMALL, cwd=d)  # a policy without a critic can make a dataset too
     assert r.returncode == 0 and lapo.Dataset(d / "decoded", "test").frames > 0, r.stderr[-3000:]
-    for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "finetune.pt", "finetune-rl.pt", "ppo-seed1.pt", "random"]:
+    for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "prior-32.pt", "finetune.pt", "finetune-rl.pt",
+                   "ppo-seed1.pt", "random"]:
         lapo.main(["eval", "--policy", policy if policy == "random" else str(d / policy),  # in-process: faster
                    "--eval-episodes", "2", "--run-dir", str(d), *SMALL])
         assert "relative" in capsys.readouterr().out, policy
@@ -567,6 +583,7 @@ def test_unknown_game(tmp_path):
 def test_flag_values_are_checked(tmp_path):
     assert "--s1-steps must be a positive number" in error_line(
         run("stage1", "--s1-steps", "0", "--run-dir", str(tmp_path), cwd=tmp_path))
+    assert "two baselines" in error_line(run("decode", "--bc", "--prior", "--run-dir", str(tmp_path), cwd=tmp_path))
     lapo.make_config("tiny", expert_ent=0.0, ft_ent=0.0, decode_wd=0.0, sl_start=0, s1_warmup=0, s2_warmup=0)
     with pytest.raises(lapo.LapoError, match="--ft-frames 5000 ends before the fine-tuning ramps"):
         lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05

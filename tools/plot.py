@@ -75,11 +75,12 @@ def claim1(run, out, game):
 
 
 def claim2(run, out, game):
-    ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc")})
+    ns = sorted({int(p.stem.split("-")[1]) for p in run.glob("*-*.pt") if p.stem.split("-")[0] in ("decode", "bc", "prior")})
     if not ns:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, label in (("decode", "LAPO: latent policy + decoder"), ("bc", "behaviour cloning from scratch")):
+    for name, label in (("decode", "LAPO: latent policy + decoder"), ("bc", "behaviour cloning from scratch"),
+                        ("prior", "the labels' action mix, blind to the screen")):
         pts = []
         for n in ns:
             seeds = [results(p)["relative"] for p in seed_checkpoints(run, f"{name}-{n}")]
