@@ -114,7 +114,7 @@ class Config:
     # stage 3 offline: latent policy + decoder fitted on a few labelled frames
     labels: int = arg(256, "labelled frames for decode")
     decode_epochs: int = arg(100, "passes of the decoder over the labelled frames")
-    bc_epochs: int = arg(25, "passes of BC over them (where its held-out accuracy peaks, sooner)")
+    bc_epochs: int = arg(25, "passes of BC over them (it overfits sooner than the decoder)")
     decode_lr: float = arg(1e-3, "decoder (or BC) learning rate")
     decode_wd: float = arg(1e-4, "decoder (or BC) weight decay")
     eval_episodes: int = arg(100, "episodes of the final evaluation of every policy")
@@ -1372,7 +1372,7 @@ def decode(cfg, bc=False, prior=False):
     scratch by behaviour cloning; prior=True, the labels' action mix played blind to the
     screen. Decoder and BC train for a number of passes over the labels (a fixed step count
     would pass over 256 labels 4x as often as over 1,024, and memorise them), each its own,
-    where its accuracy on held-out windows peaked; they report it beside the fit's."""
+    chosen by accuracy on held-out windows; they report it beside the fit's."""
     name = "bc" if bc else "prior" if prior else "decode"
     path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
     if state and state.get("finished"):
