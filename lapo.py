@@ -27,6 +27,7 @@ Sections, in the paper's order:
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1129,7 +1130,8 @@ def load_policy(cfg, path):
     stage = "decode" if stage in ("bc", "prior") else stage
     ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
     if "kind" not in ckpt:
-        raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, finetune.pt or ppo.pt")
+        raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
+                        f"finetune.pt or ppo.pt")
     agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
     agent.load_state_dict(ckpt["policy"])
     return agent.eval()
@@ -1372,18 +1374,20 @@ def decode(cfg, bc=False, prior=False):
     scratch by behaviour cloning; prior=True, the labels' action mix played blind to the
     screen. Decoder and BC train for a number of passes over the labels (a fixed step count
     would pass over 256 labels 4x as often as over 1,024, and memorise them), each its own,
-    chosen by accuracy on held-out windows; they report it beside the fit's."""
+    chosen by accuracy on held-out windows. Reported beside the fit's accuracy: the acting
+    policy's on held-out windows (from o_t), and the decoder's alone (on the IDM's latent)."""
     name = "bc" if bc else "prior" if prior else "decode"
     path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
     if state and state.get("finished"):
         return state["results"]
     t0 = time.time()
-    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    train = Dataset(cfg.data, "train")
     rng = seed_everything(cfg.seed)
     windows, ta = train.get(rng.choice(len(train), size=min(cfg.labels, len(train)), replace=False))
     if prior:
         agent = ActionPrior(np.bincount(ta, minlength=NUM_ACTIONS) / len(ta))
         return evaluate_and_finish(cfg, path, agent, "prior", t0, 0, labels=cfg.labels)
+    test = Dataset(cfg.data, "test")
     test_windows, test_ta = test.get(np.arange(0, len(test), max(1, len(test) // 2048)))  # for evaluation only
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
@@ -1396,7 +1400,7 @@ def decode(cfg, bc=False, prior=False):
         params = net.parameters()
     x, ta = features(windows), torch.as_tensor(ta, device=cfg.device)
     batch = min(256, len(x))
-    steps = max(1, (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch)
+    steps = (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch
     opt = torch.optim.Adam(params, lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
     for _ in range(steps):
@@ -1406,12 +1410,12 @@ def decode(cfg, bc=False, prior=False):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    agent.eval()
+    acc = lambda logits, y: (logits.argmax(-1).cpu() == torch.as_tensor(y).cpu()).float().mean().item()
     with torch.no_grad(), autocast(cfg):
-        train_acc = (net(x).argmax(-1) == ta).float().mean().item()
-        test_acc = (net(features(test_windows)).argmax(-1).cpu() == torch.as_tensor(test_ta)).float().mean().item()
-    return evaluate_and_finish(cfg, path, agent, kind, t0, steps, labels=cfg.labels, train_acc=train_acc,
-                               test_acc=test_acc)
+        results = dict(train_acc=acc(net(x), ta), test_acc=acc(agent(to_input(test_windows[:, 1], cfg.device))[0], test_ta))
+        if not bc:
+            results["decoder_test_acc"] = acc(net(features(test_windows)), test_ta)
+    return evaluate_and_finish(cfg, path, agent, kind, t0, steps, labels=cfg.labels, **results)
 
 
 def finetune(cfg, sl=True, scratch=False):
@@ -1463,13 +1467,13 @@ def pipeline(cfg):
     """expert -> collect -> stage1 -> stage2 -> decode (and its blind baseline) -> finetune,
     then one results table. Every stage skips itself when finished, so a re-run resumes."""
     out, minutes = {}, {}
-    prior = lambda cfg: decode(cfg, prior=True)
-    for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1),
-                     ("stage2", stage2), ("decode", decode), ("prior", prior), ("finetune", finetune)]:
+    for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1), ("stage2", stage2),
+                     ("decode", decode), ("prior", functools.partial(decode, prior=True)), ("finetune", finetune)]:
         t0 = time.time()
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
-    ex, data, s1, s2, dec, pr, ft = out.values()
+    ex, data, s1, s2, dec, pr, ft = (out[k] for k in ("expert", "collect", "stage1", "stage2", "decode", "prior",
+                                                      "finetune"))
     rows = [
         ("expert (PPO from scratch)", f"return {ex['mean']:.2f}", f"relative {ex['relative']:.2f}", "expert"),
         ("collect", f"{data['train']} + {data['test']} frames", "", "collect"),
@@ -1725,7 +1729,7 @@ HELP = dict(
     decode="offline decoding: fit latent -> action on --labels N frames, play, report return",
     finetune="online decoding with PPO, RL + SL (paper), --no-sl (RL only) or --scratch (baseline)",
     eval="play a saved policy (or 'random') for --eval-episodes episodes and report its return",
-    pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
+    pipeline="expert -> collect -> stage1 -> stage2 -> decode (and --prior) -> finetune, then a results table",
 )
 # The Config fields each subcommand reads (pipeline: all), besides where-and-how and the
 # network sizes its checkpoints must agree on: what its --help lists.

@@ -360,11 +360,11 @@ def test_evaluate_plays_exactly_the_episodes_asked(episodes):
 def test_action_prior_draws_from_its_probabilities_whatever_the_screen():
     probs = np.zeros(15)
     probs[[3, 7]] = 0.25, 0.75
-    logits, _ = lapo.ActionPrior(probs)(torch.rand(4000, 3, 64, 64))
+    logits, _ = lapo.ActionPrior(probs)(torch.zeros(4000, 1))  # it reads only how many screens
     torch.manual_seed(0)
     a = torch.distributions.Categorical(logits=logits).sample()
     assert set(a.tolist()) == {3, 7} and abs((a == 7).float().mean().item() - 0.75) < 0.03
-    uniform = lapo.ActionPrior()(torch.rand(2, 3, 64, 64))[0]
+    uniform = lapo.ActionPrior()(torch.zeros(2, 1))[0]
     assert torch.allclose(uniform.softmax(-1), torch.full((2, 15), 1 / 15))
 
 
@@ -540,7 +540,11 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
     lapo.main(["decode", "--run-dir", str(d), *SMALL, "--labels", "512", "--decode-epochs", "2"])
     ckpt = torch.load(d / "decode-512.pt", weights_only=True)  # 2 passes over 512 labels, in batches of 256
-    assert ckpt["step"] == 4 and 0 <= ckpt["results"]["test_acc"] <= 1
+    assert ckpt["step"] == 4 and 0 <= ckpt["results"]["test_acc"] <= 1 and 0 <= ckpt["results"]["decoder_test_acc"] <= 1
+    train = lapo.Dataset(d / "data", "train")  # the blind baseline plays the action mix of decode's 32 labels
+    _, ta = train.get(np.random.default_rng(0).choice(len(train), size=32, replace=False))
+    prior = lapo.load_policy(small_cfg(run_dir=str(d)), d / "prior-32.pt")
+    assert torch.allclose(prior.logits.exp(), torch.as_tensor(np.bincount(ta, minlength=15) / 32).float())
     r = run("collect", "--policy", str(d / "decode-32.pt"), "--data", str(d / "decoded"), "--run-dir", str(d),
             *SMALL, cwd=d)  # a policy without a critic can make a dataset too
     assert r.returncode == 0 and lapo.Dataset(d / "decoded", "test").frames > 0, r.stderr[-3000:]

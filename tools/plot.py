@@ -3,7 +3,7 @@
 Writes PNGs to <run-dir>/plots and prints the numbers behind them:
   claim1_probe.png     probe accuracy of the latent action over stage 1, against its bars,
                        and whether the FDM uses the latent (its error with shuffled latents)
-  claim2_offline.png   offline decoding vs behaviour cloning, by number of labelled frames
+  claim2_offline.png   offline decoding vs behaviour cloning and the blind action mix, by labels
   claim3_online.png    online fine-tuning (RL+SL, RL only) vs PPO from scratch
   fdm_predictions.png  the FDM's o_{t+1} next to the true one, on held-out windows
   latent_pca.png       latent actions of held-out windows (PCA), coloured by the true action
