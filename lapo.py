@@ -1391,17 +1391,17 @@ def decode(cfg, bc=False, prior=False):
     test_windows, test_ta = test.get(np.arange(0, len(test), max(1, len(test) // 2048)))  # for evaluation only
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
-        features, kind, params = (lambda w: to_input(w[:, 1], cfg.device)), "policy", agent.parameters()
         net = lambda obs: agent(obs)[0]  # Policy.forward, as it acts: its head in fp32
+        kind, x = "policy", to_input(windows[:, 1], cfg.device)
     else:  # latent action -> a_t: the rest was learnt without labels
         idm = load_idm(cfg)
         agent = DecodedPolicy(cfg, load_latent_policy(cfg, idm)).to(cfg.device, memory_format=torch.channels_last)
-        features, net, kind = (lambda w: latent_actions(cfg, idm, w)[0].to(cfg.device)), agent.decoder, "decoded"
-        params = net.parameters()
-    x, ta = features(windows), torch.as_tensor(ta, device=cfg.device)
+        net, kind, x = agent.decoder, "decoded", latent_actions(cfg, idm, windows)[0].to(cfg.device)
+        test_la = latent_actions(cfg, idm, test_windows)[0].to(cfg.device)
+    ta = torch.as_tensor(ta, device=cfg.device)
     batch = min(256, len(x))
     steps = (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch
-    opt = torch.optim.Adam(params, lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
+    opt = torch.optim.Adam((agent if bc else agent.decoder).parameters(), lr=cfg.decode_lr, weight_decay=cfg.decode_wd)
     agent.train()
     for _ in range(steps):
         i = torch.randint(len(x), (batch,), device=cfg.device)
@@ -1414,7 +1414,7 @@ def decode(cfg, bc=False, prior=False):
     with torch.no_grad(), autocast(cfg):
         results = dict(train_acc=acc(net(x), ta), test_acc=acc(agent(to_input(test_windows[:, 1], cfg.device))[0], test_ta))
         if not bc:
-            results["decoder_test_acc"] = acc(net(features(test_windows)), test_ta)
+            results["decoder_test_acc"] = acc(net(test_la), test_ta)
     return evaluate_and_finish(cfg, path, agent, kind, t0, steps, labels=cfg.labels, **results)
 
 
