@@ -27,7 +27,6 @@ Sections, in the paper's order:
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -1468,7 +1467,7 @@ def pipeline(cfg):
     then one results table. Every stage skips itself when finished, so a re-run resumes."""
     out, minutes = {}, {}
     for name, fn in [("expert", run_expert), ("collect", collect), ("stage1", stage1), ("stage2", stage2),
-                     ("decode", decode), ("prior", functools.partial(decode, prior=True)), ("finetune", finetune)]:
+                     ("decode", decode), ("prior", lambda c: decode(c, prior=True)), ("finetune", finetune)]:
         t0 = time.time()
         print(f"=== {name} ===", flush=True)
         out[name], minutes[name] = fn(cfg), (time.time() - t0) / 60
