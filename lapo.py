@@ -156,9 +156,10 @@ PRESETS = {
                  s2_lr=1e-3, eval_episodes=32, ft_frames=65_536,
                  ft_schedule_scale=0.05, ckpt_every_s=60),
 }
-# fields a checkpoint's network must agree on with the flags that load it
-NET_FIELDS = ("idm_scale", "policy_scale", "fdm_width", "fdm_residual", "la_dim", "vq",
-              "vq_codebooks", "vq_codes", "vq_dim")
+# fields a checkpoint's networks must agree on with the flags that load it: stage 1 holds
+# the IDM and FDM, a PPO agent is sized by policy_scale alone, the other stages use both
+IDM_FDM_FIELDS = ("idm_scale", "fdm_width", "fdm_residual", "la_dim", "vq", "vq_codebooks", "vq_codes", "vq_dim")
+NET_FIELDS = IDM_FDM_FIELDS + ("policy_scale",)
 
 
 def make_config(preset="paper", **overrides):
@@ -1048,7 +1049,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
     actions, logprobs, rewards, dones, values = (torch.zeros(T, E, device=dev) for _ in range(5))
     next_obs, next_done = envs.reset()["rgb"], torch.zeros(E, device=dev)
     ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=int)
-    last_save = time.time()
+    last_save, t0 = time.time(), start_time(state)
     while done_frames < frames:
         set_lr(opt, *lr_fn(done_frames))
         agent.eval()
@@ -1083,7 +1084,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
                 **metrics)
         if time.time() - last_save > cfg.ckpt_every_s or done_frames >= frames:
             save_checkpoint(path, cfg, policy=agent, opt=opt, normalizer=normalize, after_update=after_update,
-                            step=done_frames, returns=returns[-1000:])
+                            step=done_frames, returns=returns[-1000:], minutes=(time.time() - t0) / 60)
             last_save = time.time()
     envs.close()
     return done_frames
@@ -1117,7 +1118,7 @@ def run_expert(cfg, name="expert", frames=None):
     orthogonal_init(agent.head, 0.01)  # CleanRL's PPO: a near-uniform first policy,
     orthogonal_init(agent.value, 1.0)  # unit-scale values, and Adam's eps 1e-5
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
-    t0 = time.time()
+    t0 = start_time(state)
     done_frames = ppo(cfg, name, agent, opt, lambda f: [cfg.expert_lr * (1 - f / frames)], frames,
                       cfg.expert_ent, path, state)
     return evaluate_and_finish(cfg, path, agent, "policy", t0, done_frames)
@@ -1257,7 +1258,7 @@ def stage1(cfg):
     probe_ta = torch.as_tensor(probe_ta)
     bars = state["bars"] if state else stage1_bars(cfg, probe_windows, probe_ta)
     log = Logger(cfg, "stage1", cfg.s1_steps, start=step)
-    last_save, t0, results = time.time(), time.time(), {}
+    last_save, t0, results = time.time(), start_time(state), {}
     if step == 0:
         results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
         bars["probe_untrained"] = results["probe_la"]  # the untrained IDM is a bar too
@@ -1275,7 +1276,7 @@ def stage1(cfg):
             if finished:
                 results.update(minutes=(time.time() - t0) / 60, **bars)
             save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished,
-                            bars=bars, results=results)
+                            bars=bars, results=results, minutes=(time.time() - t0) / 60)
             last_save = time.time()
     if rank == 0:
         print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}) "
@@ -1320,7 +1321,7 @@ def stage2(cfg):
     # predicting the mean latent is the bar: the policy must beat it
     results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
     log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
-    last_save, t0 = time.time(), time.time()
+    last_save, t0 = time.time(), start_time(state)
     while step < cfg.s2_steps:
         windows, _ = train.sample(rng, cfg.s2_batch, rank, world)
         metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(windows, cfg.device), step)
@@ -1336,7 +1337,7 @@ def stage2(cfg):
             if finished:
                 results.update(test_mse=metrics["test_loss"], minutes=(time.time() - t0) / 60)
             save_checkpoint(path, cfg, policy=policy, opt=opt, step=step, finished=finished, results=results,
-                            idm_sum=idm_sum)
+                            idm_sum=idm_sum, minutes=(time.time() - t0) / 60)
             last_save = time.time()
     if rank == 0:
         print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} "
@@ -1432,7 +1433,7 @@ def finetune(cfg, sl=True, scratch=False):
     seed_everything(cfg.seed)
     agent = RLSLPolicy(cfg, load_latent_policy(cfg, idm), sl).to(cfg.device, memory_format=torch.channels_last)
     opt, lr_fn = finetune_optimizer(cfg, agent, sl)
-    t0 = time.time()
+    t0 = start_time(state)
     done_frames = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path, state,
                       DecoderSL(cfg, idm, agent.decoder) if sl else None)
     return evaluate_and_finish(cfg, path, agent, "rlsl", t0, done_frames)
@@ -1547,8 +1548,8 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
     if finished and not ckpt.get("finished"):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
-    if cfg is not None:  # a PPO agent (expert, ppo) is one network, sized by policy_scale alone
-        fields = ("policy_scale",) if kind in ("expert", "ppo") else NET_FIELDS
+    if cfg is not None:
+        fields = dict(expert=("policy_scale",), ppo=("policy_scale",), stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
         diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
                 for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
@@ -1568,6 +1569,12 @@ def resume_state(cfg, name, stage=None):
     else:
         print(f"resuming {path} from step {ckpt['step']}")
     return path, ckpt
+
+
+def start_time(state):
+    """When a run started, as time.time(): for a resumed run, moved back by the minutes its
+    checkpoint records, so that its minutes count every invocation, not only the last."""
+    return time.time() - 60 * state.get("minutes", 0) if state else time.time()
 
 
 def restore(state, **parts):

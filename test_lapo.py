@@ -639,6 +639,10 @@ def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     assert lapo.load_checkpoint(d / "expert.pt", "expert", small_cfg(vq=False, la_dim=64))["finished"]
     with pytest.raises(lapo.LapoError, match=r"policy_scale=0.25 \(flags say 0.5\)"):
         lapo.load_checkpoint(d / "expert.pt", "expert", dataclasses.replace(small_cfg(), policy_scale=0.5))
+    wider_policy = dataclasses.replace(small_cfg(), policy_scale=0.5)  # a wider stage 2 on the same stage 1
+    assert lapo.load_checkpoint(d / "stage1.pt", "stage1", wider_policy)["finished"]
+    with pytest.raises(lapo.LapoError, match=r"policy_scale=0.25 \(flags say 0.5\)"):
+        lapo.load_checkpoint(d / "stage2.pt", "stage2", wider_policy)
 
 
 def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
@@ -679,9 +683,12 @@ def test_run_killed_in_its_final_evaluation_resumes_there(tmp_path, monkeypatch)
     monkeypatch.setattr(lapo, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         lapo.run_expert(cfg)
-    assert not torch.load(tmp_path / "expert.pt", weights_only=True).get("finished")
+    ckpt = torch.load(tmp_path / "expert.pt", weights_only=True)
+    assert not ckpt.get("finished")
+    torch.save(dict(ckpt, minutes=7.0), tmp_path / "expert.pt")  # as if that run had taken 7 minutes
     monkeypatch.undo()
-    assert lapo.run_expert(cfg)["episodes"] == 2
+    results = lapo.run_expert(cfg)
+    assert results["episodes"] == 2 and 7 < results["minutes"] < 10  # every invocation's minutes count
     assert torch.load(tmp_path / "expert.pt", weights_only=True)["finished"]
 
 
