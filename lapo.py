@@ -1559,15 +1559,19 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
 
 
 def resume_state(cfg, name, stage=None):
-    """<run-dir>/<name>.pt, and the checkpoint of an earlier run there (finished or not) or None."""
+    """<run-dir>/<name>.pt, and the checkpoint of an earlier run there (finished or not) or None;
+    says which, with the flags that differ from that run's (a finished run is not redone)."""
     path = Path(cfg.run_dir) / f"{name}.pt"
     if not path.exists():
         return path, None
     ckpt = load_checkpoint(path, stage or name, cfg, finished=False)
+    fields = ("seed",) + USES[STAGE_COMMAND[(stage or name).split("-")[0]].split()[0]]
+    changed = ", ".join(f"{k}={getattr(cfg, k)} (it ran with {ckpt['config'].get(k)})" for k in fields
+                        if k != "ckpt_every_s" and ckpt["config"].get(k) != getattr(cfg, k))
     if ckpt.get("finished"):
-        print(f"{path} is finished; delete it to run this stage again")
+        print(f"{path} is finished; delete it to run this stage again" + (f" with {changed}" if changed else ""))
     else:
-        print(f"resuming {path} from step {ckpt['step']}")
+        print(f"resuming {path} from step {ckpt['step']}" + (f", now with {changed}" if changed else ""))
     return path, ckpt
 
 

@@ -553,8 +553,9 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
         lapo.main(["eval", "--policy", policy if policy == "random" else str(d / policy),  # in-process: faster
                    "--eval-episodes", "2", "--run-dir", str(d), *SMALL])
         assert "relative" in capsys.readouterr().out, policy
-    r = run("stage1", "--run-dir", str(d), *SMALL, cwd=d)  # finished: says so, changes nothing
-    assert r.returncode == 0 and "finished" in r.stdout
+    r = run("stage1", "--run-dir", str(d), *SMALL, "--s1-lr", "0.002", cwd=d)  # finished: says so, changes nothing
+    assert r.returncode == 0 and "stage1.pt is finished" in r.stdout
+    assert "with s1_lr=0.002 (it ran with 0.001)" in r.stdout  # and names the flags it was not run with
 
 
 # --- bad input: one clear line, non-zero exit --------------------------------------------
