@@ -97,6 +97,8 @@ class Config:
     # dataset
     train_frames: int = arg(8_000_000, "frames collected for training")
     test_frames: int = arg(131_072, "frames collected on other levels, for held-out scores")
+    collect_temp: float = arg(1.0, "collect samples the expert's actions from softmax(logits / T): below 1 "
+                              "a sharper policy, as a longer-trained expert's")
     # stage 1: IDM + FDM
     s1_steps: int = arg(50_000, "stage-1 training steps")
     s1_batch: int = arg(128, "stage-1 batch")
@@ -1204,7 +1206,7 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
         else:
             with torch.no_grad(), autocast(cfg):
                 logits, value = agent(to_input(obs, cfg.device))
-            action = torch.distributions.Categorical(logits=logits.float()).sample().cpu().numpy()
+            action = torch.distributions.Categorical(logits=logits.float() / cfg.collect_temp).sample().cpu().numpy()
             value = np.zeros(E) if value is None else value.float().cpu().numpy()  # decode-N: no critic
         next_obs, reward, done, _ = envs.step(action.astype(np.int32))
         ep_ret += reward
@@ -1747,7 +1749,7 @@ PPO_FIELDS = ("num_envs", "num_steps", "minibatches", "epochs", "gamma", "gae_la
               "vf_coef", "max_grad_norm")
 USES = dict(
     expert=PPO_FIELDS + ("expert_frames", "expert_lr", "expert_ent", "eval_episodes", "ckpt_every_s"),
-    collect=("num_envs", "train_frames", "test_frames"),
+    collect=("num_envs", "train_frames", "test_frames", "collect_temp"),
     stage1=("vq_beta", "vq_decay", "vq_count_init", "vq_reset_after", "s1_steps", "s1_batch",
             "s1_lr", "s1_warmup", "s1_clip", "probe_every", "probe_frames", "probe_steps", "ckpt_every_s"),
     stage2=("s2_steps", "s2_batch", "s2_lr", "s2_warmup", "ckpt_every_s"),

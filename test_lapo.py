@@ -662,6 +662,22 @@ def test_committed_expert_loads_with_the_cpu_preset():
     assert logits.shape == (2, lapo.NUM_ACTIONS) and value.shape == (2,)
 
 
+def test_collect_temperature_sharpens_the_expert(tmp_path):
+    """--collect-temp T samples from softmax(logits / T): near 0, the expert's most likely
+    action; at 1, its own policy, which agrees with that far less often."""
+    agree = {}
+    for temp in (1.0, 0.001):
+        cfg = lapo.make_config("cpu", device="cpu", amp=False, run_dir=str(tmp_path / str(temp)), num_envs=8,
+                               train_frames=512, test_frames=8, collect_temp=temp)
+        lapo.collect(cfg, policy_path=HERE / "experts" / "coinrun-cpu.pt")
+        z = np.load(Path(cfg.data) / "train" / "0.npz")
+        agent = lapo.load_policy(cfg, HERE / "experts" / "coinrun-cpu.pt")
+        with torch.no_grad():
+            logits, _ = agent(lapo.to_input(z["obs"], "cpu"))
+        agree[temp] = (logits.argmax(-1).numpy() == z["ta"]).mean()
+    assert agree[0.001] > 0.98 and agree[1.0] < 0.6, agree
+
+
 def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
     d, _ = pipeline_run
     ckpt = torch.load(d / "stage1.pt", weights_only=True)
@@ -910,10 +926,11 @@ def test_plot_compares_fine_tuning_with_ppo_from_scratch(pipeline_run, tmp_path)
 
 def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     d, _ = pipeline_run
-    r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5"],
-                       cwd=d, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5",
+                        "--expert", str(d / "expert.pt")], cwd=d, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "action size:"))
+    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "action size:",
+                                         "the expert on o_t"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)

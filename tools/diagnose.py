@@ -17,6 +17,10 @@ all of the test split), prints:
                how much o_{t+1} varies with the action (across one action of each group), against
                how much it differs from o_t; compare with the FDM's error with shuffled latents,
                which stage 1 logs (test_fdm_mse_shuffled): what the latent has to explain
+  expert       with --expert PATH, the policy that collected the data, on o_t of the same windows:
+               how often its most likely action is the one taken, raw and on groups, and its
+               entropy. What any policy acting from o_t alone (decode's latent policy, BC) can
+               expect to read: an expert sampled at high entropy leaves little to imitate
 Memory: all windows of the cpu preset's test split and their frame differences, ~6 GB.
 """
 
@@ -61,6 +65,7 @@ def main():
     parser.add_argument("--windows", type=int, default=0, help="held-out windows (default: all)")
     parser.add_argument("--probe-steps", type=int, default=1000)
     parser.add_argument("--data", default="", help="its dataset (default: the one it was trained on)")
+    parser.add_argument("--expert", default="", help="the policy that collected the data (expert.pt)")
     args = parser.parse_args()
     ckpt = lapo.load_checkpoint(Path(args.run_dir) / "stage1.pt", "stage1", finished=False)
     saved = ckpt["config"]
@@ -118,6 +123,17 @@ def main():
         h = idm.cnn(lapo.to_input(spread, "cpu"))
     print(f"  IDM features alive on some of {len(spread)} windows: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
           f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
+    if args.expert:
+        expert = lapo.load_policy(cfg, args.expert)
+        with torch.no_grad():
+            logits = torch.cat([expert(lapo.to_input(windows[i:i + 256, 1], "cpu"))[0] for i in range(0, n, 256)])
+        p = logits.float().softmax(-1)
+        p_group = torch.zeros(n, groups.max() + 1).index_add_(1, torch.as_tensor(groups), p)
+        print(f"  the expert on o_t: its most likely action is the one taken in "
+              f"{(p.argmax(-1) == ta_t).float().mean():.3f} of the windows (groups "
+              f"{(p_group.argmax(-1) == group_t).float().mean():.3f}; majority {lapo.majority_accuracy(ta_t):.3f}, "
+              f"{lapo.majority_accuracy(group_t):.3f}); entropy {-(p * p.clamp_min(1e-12).log()).sum(-1).mean():.2f} "
+              f"nats (uniform {np.log(lapo.NUM_ACTIONS):.2f})")
 
 
 if __name__ == "__main__":
