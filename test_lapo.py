@@ -665,13 +665,13 @@ def test_committed_expert_loads_with_the_cpu_preset():
 def test_collect_temperature_sharpens_the_expert(tmp_path):
     """--collect-temp T samples from softmax(logits / T): near 0, the expert's most likely
     action; at 1, its own policy, which agrees with that far less often."""
-    agree = {}
+    expert, agree = HERE / "experts" / "coinrun-cpu.pt", {}
+    agent = lapo.load_policy(lapo.make_config("cpu", device="cpu", amp=False), expert)
     for temp in (1.0, 0.001):
         cfg = lapo.make_config("cpu", device="cpu", amp=False, run_dir=str(tmp_path / str(temp)), num_envs=8,
                                train_frames=512, test_frames=8, collect_temp=temp)
-        lapo.collect(cfg, policy_path=HERE / "experts" / "coinrun-cpu.pt")
+        lapo.collect(cfg, policy_path=expert)
         z = np.load(Path(cfg.data) / "train" / "0.npz")
-        agent = lapo.load_policy(cfg, HERE / "experts" / "coinrun-cpu.pt")
         with torch.no_grad():
             logits, _ = agent(lapo.to_input(z["obs"], "cpu"))
         agree[temp] = (logits.argmax(-1).numpy() == z["ta"]).mean()

@@ -127,12 +127,13 @@ def main():
         expert = lapo.load_policy(cfg, args.expert)
         with torch.no_grad():
             logits = torch.cat([expert(lapo.to_input(windows[i:i + 256, 1], "cpu"))[0] for i in range(0, n, 256)])
-        p = logits.float().softmax(-1)
+        pi = torch.distributions.Categorical(logits=logits.float())
+        p = pi.probs
         p_group = torch.zeros(n, groups.max() + 1).index_add_(1, torch.as_tensor(groups), p)
         print(f"  the expert on o_t: its most likely action is the one taken in "
               f"{(p.argmax(-1) == ta_t).float().mean():.3f} of the windows (groups "
               f"{(p_group.argmax(-1) == group_t).float().mean():.3f}; majority {lapo.majority_accuracy(ta_t):.3f}, "
-              f"{lapo.majority_accuracy(group_t):.3f}); entropy {-(p * p.clamp_min(1e-12).log()).sum(-1).mean():.2f} "
+              f"{lapo.majority_accuracy(group_t):.3f}); entropy {pi.entropy().mean():.2f} "
               f"nats (uniform {np.log(lapo.NUM_ACTIONS):.2f})")
 
 
