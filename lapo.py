@@ -19,9 +19,10 @@ Sections, in the paper's order:
   2. environment, data Procgen, its action groups, return normalisation, the chunked dataset
   3. networks          IMPALA-CNN, EMA vector quantiser, IDM, U-Net FDM, policies
   4. the method        one function per update: stage 1, stage 2, PPO, the decoder's SL
-  5. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
-  6. utilities         checkpoints, metrics, errors, torchrun
-  7. command line
+  5. measurements      the latent probe and its bars, stage 1's held-out scores, evaluation
+  6. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
+  7. utilities         checkpoints, metrics, errors, torchrun
+  8. command line
 """
 
 import argparse
@@ -475,7 +476,7 @@ class ImpalaCNN(nn.Module):
     """IMPALA-CNN (Espeholt et al. 2018): three (conv3x3, maxpool 3x3/2, 2 residual blocks)
     sequences, then a linear layer to 256 features. size x size images (64 in Procgen)."""
 
-    def __init__(self, in_channels, scale, size=64, features=256):
+    def __init__(self, in_channels, scale, size=64):
         super().__init__()
         layers = []
         for c in (16, 32, 32):
@@ -484,7 +485,7 @@ class ImpalaCNN(nn.Module):
                        ResidualBlock(c), ResidualBlock(c)]
             in_channels, size = c, (size + 1) // 2  # each max-pool halves, rounding up
         self.conv = nn.Sequential(*layers, nn.Flatten(), nn.ReLU())
-        self.fc = nn.Linear(in_channels * size * size, features)
+        self.fc = nn.Linear(in_channels * size * size, 256)
 
     def forward(self, x):
         return F.relu(self.fc(self.conv(x)))
@@ -687,7 +688,9 @@ class DecodedPolicy(nn.Module):
 
     def __init__(self, cfg, latent_policy=None):
         super().__init__()
-        self.latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
+        if latent_policy is None:  # an empty shell, for loading a checkpoint
+            latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
+        self.latent_policy = latent_policy
         self.decoder = mlp(cfg.la_dim, *OFFLINE_DECODER, NUM_ACTIONS)
 
     def forward(self, x):
@@ -723,7 +726,8 @@ class RLSLPolicy(nn.Module):
 
     def __init__(self, cfg, latent_policy=None, sl=True):
         super().__init__()
-        latent_policy = latent_policy or Policy(cfg.policy_scale, cfg.la_dim, value=False)
+        if latent_policy is None:  # an empty shell, for loading a checkpoint
+            latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.conv = latent_policy.cnn.conv
         self.fc_rl = latent_policy.cnn.fc
         self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
@@ -802,76 +806,6 @@ def latent_actions(cfg, idm, windows, batch=256):
         la.append(la_i.float().cpu())
         la_q.append(la_q_i.float().cpu())
     return torch.cat(la), torch.cat(la_q)
-
-
-def probe_accuracy(x, y, steps, seed=0):
-    """How much of the true action can be read from features x: an MLP (128, 128) fitted on
-    the first half, accuracy on the second half. Labels are used for this evaluation only.
-    Features are centred and divided by one common scale: a per-feature scale would blow up
-    a pixel that happens to be constant in the fitting half (x 1e6), and wreck the score."""
-    n = len(x) // 2
-    x = (x - x[:n].mean(0)) / (x[:n].std() + 1e-8)
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reset CUDA's too
-        net = mlp(x.shape[1], *OFFLINE_DECODER, NUM_ACTIONS)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    with torch.enable_grad():
-        for _ in range(steps):
-            i = torch.randint(n, (256,), generator=g)
-            loss = F.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
-
-
-def majority_accuracy(y):
-    """The majority class as a probe: its class is the commonest in the fitting half, scored
-    on the second half, the windows every probe is scored on."""
-    n = len(y) // 2
-    return (y[n:] == torch.bincount(y[:n]).argmax()).float().mean().item()
-
-
-def stage1_bars(cfg, windows, ta):
-    """What a latent action must beat to be worth anything: the majority class, and the same
-    probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
-    and on groups of actions that do the same thing (action_groups), with their ceilings
-    for the action mix of the scored half."""
-    scored = ta[len(ta) // 2 :]
-    bars = action_groups(cfg.env, prior=(torch.bincount(scored, minlength=NUM_ACTIONS) / len(scored)).numpy())
-    merged = torch.as_tensor(bars["groups"])[ta]
-    diff = (torch.as_tensor(windows[:, 2]).float() - torch.as_tensor(windows[:, 1]).float()).flatten(1) / 255
-    return dict(bars, majority=majority_accuracy(ta), majority_merged=majority_accuracy(merged),
-                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
-                probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
-
-
-@torch.no_grad()
-def stage1_eval(cfg, idm, fdm, windows, ta, groups):
-    """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
-    quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
-    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
-    la, la_q = latent_actions(cfg, idm, windows)
-    perplexity, live_codes = math.nan, 0
-    if idm.vq is not None:
-        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
-        # codes in use on the probe windows, in the codebook that uses fewest
-        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(windows) // 512)  # 512 windows spread over the test set, for the FDM
-    x, la_x = to_input(windows[::every], cfg.device), la_q[::every].to(cfg.device)
-    fdm.eval()
-    with autocast(cfg):
-        pred = fdm(x[:, :6], la_x).float()
-        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
-    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
-                probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
-                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
-                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
-                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
-                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
-                test_perplexity=perplexity, live_codes=live_codes)
 
 
 def stage2_update(cfg, idm, policy, opt, x, step):
@@ -999,6 +933,81 @@ class DecoderSL:
         self.la, self.ta, self.updates = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device), d["updates"]
 
 
+# ----------------------------------------------------------------------------------------
+# 5. Measurements: the probe and its bars, stage 1's held-out scores, evaluation episodes
+# ----------------------------------------------------------------------------------------
+
+
+def probe_accuracy(x, y, steps, seed=0):
+    """How much of the true action can be read from features x: an MLP (128, 128) fitted on
+    the first half, accuracy on the second half. Labels are used for this evaluation only.
+    Features are centred and divided by one common scale: a per-feature scale would blow up
+    a pixel that happens to be constant in the fitting half (x 1e6), and wreck the score."""
+    n = len(x) // 2
+    x = (x - x[:n].mean(0)) / (x[:n].std() + 1e-8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reset CUDA's too
+        net = mlp(x.shape[1], *OFFLINE_DECODER, NUM_ACTIONS)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            i = torch.randint(n, (256,), generator=g)
+            loss = F.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
+
+
+def majority_accuracy(y):
+    """The majority class as a probe: its class is the commonest in the fitting half, scored
+    on the second half, the windows every probe is scored on."""
+    n = len(y) // 2
+    return (y[n:] == torch.bincount(y[:n]).argmax()).float().mean().item()
+
+
+def stage1_bars(cfg, windows, ta):
+    """What a latent action must beat to be worth anything: the majority class, and the same
+    probe fed the raw frame difference o_{t+1} - o_t (full resolution); each on raw actions
+    and on groups of actions that do the same thing (action_groups), with their ceilings
+    for the action mix of the scored half."""
+    scored = ta[len(ta) // 2 :]
+    bars = action_groups(cfg.env, prior=(torch.bincount(scored, minlength=NUM_ACTIONS) / len(scored)).numpy())
+    merged = torch.as_tensor(bars["groups"])[ta]
+    diff = (torch.as_tensor(windows[:, 2]).float() - torch.as_tensor(windows[:, 1]).float()).flatten(1) / 255
+    return dict(bars, majority=majority_accuracy(ta), majority_merged=majority_accuracy(merged),
+                probe_frame_diff=probe_accuracy(diff, ta, cfg.probe_steps),
+                probe_frame_diff_merged=probe_accuracy(diff, merged, cfg.probe_steps))
+
+
+@torch.no_grad()
+def stage1_eval(cfg, idm, fdm, windows, ta, groups):
+    """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
+    quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
+    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
+    la, la_q = latent_actions(cfg, idm, windows)
+    perplexity, live_codes = math.nan, 0
+    if idm.vq is not None:
+        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        # codes in use on the probe windows, in the codebook that uses fewest
+        perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
+    every = max(1, len(windows) // 512)  # 512 windows spread over the test set, for the FDM
+    x, la_x = to_input(windows[::every], cfg.device), la_q[::every].to(cfg.device)
+    fdm.eval()
+    with autocast(cfg):
+        pred = fdm(x[:, :6], la_x).float()
+        shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
+    return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
+                probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
+                probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
+                test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
+                test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
+                test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
+                test_perplexity=perplexity, live_codes=live_codes)
+
+
 def evaluate(cfg, agent, episodes):
     """Plays exactly `episodes` episodes on the full level distribution (levels unseen in
     training: LEVEL_SEEDS), sampling actions from the policy; returns their returns. Each
@@ -1026,7 +1035,7 @@ def evaluate(cfg, agent, episodes):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Stages
+# 6. Stages
 # ----------------------------------------------------------------------------------------
 
 
@@ -1301,7 +1310,7 @@ def stage2(cfg):
     if state and state.get("finished"):
         return state["results"]
     idm = load_idm(cfg)
-    idm_sum = weight_sum(idm)  # frozen: computed once
+    idm_sum = weight_sum(idm)  # saved with every checkpoint: which IDM this policy imitates
     if state:
         check_same_idm(path, state, idm)
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
@@ -1375,8 +1384,8 @@ def decode(cfg, bc=False, prior=False):
     Two baselines on the same labelled frames: bc=True, the same policy network trained from
     scratch by behaviour cloning; prior=True, the labels' action mix played blind to the
     screen. Decoder and BC train for a number of passes over the labels (a fixed step count
-    would pass over 256 labels 4x as often as over 1,024, and memorise them), each its own,
-    chosen by accuracy on held-out windows. Reported beside the fit's accuracy: the acting
+    would pass over 256 labels 4x as often as over 1,024, and memorise them): decode_epochs
+    and bc_epochs, each set by its held-out accuracy in experiments (README). Reported beside the fit's accuracy: the acting
     policy's on held-out windows (from o_t), and the decoder's alone (on the IDM's latent)."""
     name = "bc" if bc else "prior" if prior else "decode"
     path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
@@ -1504,7 +1513,7 @@ def pipeline(cfg):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Utilities: errors, checkpoints, metrics, torchrun
+# 7. Utilities: errors, checkpoints, metrics, torchrun
 # ----------------------------------------------------------------------------------------
 
 
@@ -1730,7 +1739,7 @@ class GlobalVectorQuantizerEMA(VectorQuantizerEMA):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line
+# 8. Command line
 # ----------------------------------------------------------------------------------------
 
 HELP = dict(
