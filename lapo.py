@@ -1251,9 +1251,10 @@ def stage1(cfg):
     if state and state.get("finished"):
         return state["results"]
     train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
-    print(f"[stage1] {train.frames} train frames ({len(train)} transitions), {test.frames} test frames")
-    rng = seed_everything(cfg.seed)
     rank, world = rank_world()
+    if rank == 0:
+        print(f"[stage1] {train.frames} train frames ({len(train)} transitions), {test.frames} test frames")
+    rng = seed_everything(cfg.seed)
     idm = IDM(cfg, GlobalVectorQuantizerEMA if world > 1 else VectorQuantizerEMA)
     fdm = FDM(cfg, GlobalBatchNorm2d if world > 1 else nn.BatchNorm2d)
     idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in (idm, fdm))
@@ -1579,10 +1580,11 @@ def resume_state(cfg, name, stage=None):
     fields = ("seed",) + USES[STAGE_COMMAND[(stage or name).split("-")[0]].split()[0]]
     changed = ", ".join(f"{k}={getattr(cfg, k)} (it ran with {ckpt['config'].get(k)})" for k in fields
                         if k != "ckpt_every_s" and ckpt["config"].get(k) != getattr(cfg, k))
-    if ckpt.get("finished"):
-        print(f"{path} is finished; delete it to run this stage again" + (f" with {changed}" if changed else ""))
-    else:
-        print(f"resuming {path} from step {ckpt['step']}" + (f", now with {changed}" if changed else ""))
+    if rank_world()[0] == 0:  # under torchrun, rank 0 alone speaks
+        if ckpt.get("finished"):
+            print(f"{path} is finished; delete it to run this stage again" + (f" with {changed}" if changed else ""))
+        else:
+            print(f"resuming {path} from step {ckpt['step']}" + (f", now with {changed}" if changed else ""))
     return path, ckpt
 
 

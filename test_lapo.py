@@ -883,6 +883,8 @@ def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path
             r = subprocess.run([sys.executable, *launch, str(HERE / "lapo.py"), stage, "--run-dir", str(rd),
                                 *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr[-3000:]
+            if stage == "stage1":
+                assert r.stdout.count("train frames") == 1  # rank 0 alone prints
         losses[n] = jsonl(rd / "stage1.jsonl", "fdm_loss"), jsonl(rd / "stage2.jsonl", "loss")
     assert len(losses[1][0]) == 5 and np.allclose(losses[1][0], losses[2][0], rtol=1e-3)
     assert len(losses[1][1]) == 5 and np.allclose(losses[1][1], losses[2][1], rtol=1e-4)
