@@ -890,6 +890,9 @@ def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path
     assert len(losses[1][1]) == 5 and np.allclose(losses[1][1], losses[2][1], rtol=1e-4)
     lines = [(tmp_path / f"procs{n}" / "stage1.jsonl").read_text().count("\n") for n in (1, 2)]
     assert lines[0] == lines[1]  # rank 0 alone logs
+    r = subprocess.run([sys.executable, *launch, str(HERE / "lapo.py"), "stage1", "--run-dir", str(rd), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("stage1.pt is finished") == 1, r.stderr[-3000:]  # ... and speaks
 
 
 def test_plot_makes_the_pngs(pipeline_run):
