@@ -21,7 +21,7 @@ Sections, in the paper's order:
   4. the method        one function per update: stage 1, stage 2, PPO, the decoder's SL
   5. measurements      the latent probe and its bars, stage 1's held-out scores, evaluation
   6. stages            expert, collect, stage1, stage2, decode, finetune, eval, pipeline
-  7. utilities         checkpoints, metrics, errors, torchrun
+  7. utilities         errors, checkpoints, metrics, torchrun
   8. command line
 """
 
@@ -123,7 +123,7 @@ class Config:
     eval_episodes: int = arg(100, "episodes of the final evaluation of every policy")
     # stage 3 online: PPO fine-tuning, RL + SL
     ft_frames: int = arg(4_000_000, "frames of PPO fine-tuning")
-    ft_lr: float = arg(1e-2, "fine-tuning peak learning rate (per-part ramps: FT_RAMPS)")
+    ft_lr: float = arg(1e-2, "fine-tuning base learning rate: each part peaks at ft_lr x its FT_RAMPS factor")
     ft_ent: float = arg(0.0025, "fine-tuning entropy bonus")
     ft_schedule_scale: float = arg(1.0, "stretches FT_RAMPS and the SL window (in frames)")
     sl_start: int = arg(10_000, "frame at which the decoder's SL starts")
@@ -715,8 +715,8 @@ class ActionPrior(nn.Module):
 class RLSLPolicy(nn.Module):
     """Online decoding (paper, section 3.3). The latent policy's conv trunk is kept and
     frozen. Two paths share it:
-      SL path: a frozen copy of the latent policy's linear layer and latent head, then a
-               decoder MLP, fitted by supervised learning on (IDM latent, action) pairs.
+      SL path: a frozen copy of the latent policy's linear layer, its latent head (frozen),
+               then a decoder MLP, fitted by supervised learning on (IDM latent, action) pairs.
       RL path: the latent policy's linear layer (tuned by PPO), a zero-initialised action
                head and a value head.
     The logits are the mean of both paths. The RL head starts at 0, so the agent acts as the
@@ -821,11 +821,12 @@ def stage2_update(cfg, idm, policy, opt, x, step):
     with autocast(cfg):
         la_pred, _ = policy(x[:, 3:6])  # o_t alone
     loss = F.mse_loss(la_pred.float(), la.float())
-    check_finite(global_mean(loss), "stage2 loss")
+    logged = global_mean(loss)
+    check_finite(logged, "stage2 loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return dict(loss=global_mean(loss).item())
+    return dict(loss=logged.item())
 
 
 def gae(rewards, values, dones, next_value, next_done, gamma, lam):
@@ -1034,6 +1035,12 @@ def evaluate(cfg, agent, episodes):
     return [r for env_returns in returns for r in env_returns]
 
 
+def return_summary(cfg, returns):
+    m = float(np.mean(returns))
+    return dict(mean=m, std=float(np.std(returns)), episodes=len(returns),
+                relative=relative_return(cfg.env, m))
+
+
 # ----------------------------------------------------------------------------------------
 # 6. Stages
 # ----------------------------------------------------------------------------------------
@@ -1109,12 +1116,6 @@ def evaluate_and_finish(cfg, path, agent, kind, t0, step, **results):
     print(f"[{path.stem}] return {results['mean']:.2f} +- {results['std']:.2f} (relative "
           f"{results['relative']:.2f}) over {results['episodes']} episodes")
     return results
-
-
-def return_summary(cfg, returns):
-    m = float(np.mean(returns))
-    return dict(mean=m, std=float(np.std(returns)), episodes=len(returns),
-                relative=relative_return(cfg.env, m))
 
 
 def run_expert(cfg, name="expert", frames=None):
@@ -1386,8 +1387,9 @@ def decode(cfg, bc=False, prior=False):
     scratch by behaviour cloning; prior=True, the labels' action mix played blind to the
     screen. Decoder and BC train for a number of passes over the labels (a fixed step count
     would pass over 256 labels 4x as often as over 1,024, and memorise them): decode_epochs
-    and bc_epochs, each set by its held-out accuracy in experiments (README). Reported beside the fit's accuracy: the acting
-    policy's on held-out windows (from o_t), and the decoder's alone (on the IDM's latent)."""
+    and bc_epochs, each set by its held-out accuracy in experiments (README). Reported
+    beside the fit's accuracy: the acting policy's on held-out windows (from o_t), and the
+    decoder's alone (on the IDM's latent)."""
     name = "bc" if bc else "prior" if prior else "decode"
     path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
     if state and state.get("finished"):
