@@ -786,13 +786,13 @@ def stage1_update(cfg, idm, fdm, opt, x, step):
     with autocast(cfg):
         fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, x)
     loss = fdm_loss + commitment
-    check_finite(global_mean(loss), "stage1 loss")
+    logged = global_mean(torch.stack([loss, fdm_loss, commitment]))  # one all-reduce under torchrun
+    check_finite(logged[0], "stage1 loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(trained_params(opt), cfg.s1_clip)
     opt.step()
-    return dict(fdm_loss=global_mean(fdm_loss).item(), commitment=global_mean(commitment).item(),
-                perplexity=perplexity.item())
+    return dict(fdm_loss=logged[1].item(), commitment=logged[2].item(), perplexity=perplexity.item())
 
 
 @torch.no_grad()
@@ -1358,19 +1358,6 @@ def stage2(cfg):
     return results
 
 
-def weight_sum(module):
-    """A fingerprint of a network's weights."""
-    return sum(p.double().sum().item() for p in module.parameters())
-
-
-def check_same_idm(path, ckpt, idm):
-    """Stage 2 records the weight sum of the IDM whose latents it imitates: decoding (or
-    resuming) it with the latents of a re-trained IDM would give wrong numbers silently."""
-    if not math.isclose(ckpt.get("idm_sum", math.nan), weight_sum(idm), rel_tol=1e-6):
-        raise LapoError(f"{path} imitates the latents of another stage1.pt than the one beside it: "
-                        f"delete it and re-run `python lapo.py stage2`")
-
-
 def load_latent_policy(cfg, idm):
     path = Path(cfg.run_dir) / "stage2.pt"
     ckpt = load_checkpoint(path, "stage2", cfg)
@@ -1469,9 +1456,9 @@ def finetune_optimizer(cfg, agent, sl):
     return opt, lr_fn
 
 
-def evaluate_checkpoint(cfg, path, episodes):
+def evaluate_checkpoint(cfg, path):
     agent = ActionPrior() if path == "random" else load_policy(cfg, path)
-    r = return_summary(cfg, evaluate(cfg, agent, episodes))
+    r = return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes))
     print(f"[eval] {path}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
           f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
     return r
@@ -1570,6 +1557,19 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
             raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "
                             f"use the same --preset/flags")
     return ckpt
+
+
+def weight_sum(module):
+    """A fingerprint of a network's weights."""
+    return sum(p.double().sum().item() for p in module.parameters())
+
+
+def check_same_idm(path, ckpt, idm):
+    """Stage 2 records the weight sum of the IDM whose latents it imitates: decoding (or
+    resuming) it with the latents of a re-trained IDM would give wrong numbers silently."""
+    if not math.isclose(ckpt.get("idm_sum", math.nan), weight_sum(idm), rel_tol=1e-6):
+        raise LapoError(f"{path} imitates the latents of another stage1.pt than the one beside it: "
+                        f"delete it and re-run `python lapo.py stage2`")
 
 
 def resume_state(cfg, name, stage=None):
@@ -1855,7 +1855,7 @@ def main(argv=None):
                 raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")
             finetune(cfg, sl=not args.no_sl, scratch=args.scratch)
         elif args.command == "eval":
-            evaluate_checkpoint(cfg, args.policy, cfg.eval_episodes)
+            evaluate_checkpoint(cfg, args.policy)
         elif args.command == "pipeline":
             pipeline(cfg)
     except LapoError as e:

@@ -527,27 +527,26 @@ def test_pipeline_runs_every_stage_and_prints_the_table(pipeline_run):
 
 def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     d, _ = pipeline_run
-    r = run("finetune", "--no-sl", "--run-dir", str(d), *SMALL, cwd=d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "finetune-rl" in r.stdout
-    r = run("finetune", "--scratch", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # claim 3's baseline
-    assert r.returncode == 0 and "[ppo-seed1] return" in r.stdout, r.stderr[-3000:]
+
+    def main(command, *flags):  # in-process: the CLI itself is tested by pipeline_run and below
+        lapo.main([command, "--run-dir", str(d), *SMALL, *flags])
+        return capsys.readouterr().out
+
+    assert "finetune-rl" in main("finetune", "--no-sl")
+    assert "[ppo-seed1] return" in main("finetune", "--scratch", "--seed", "1")  # claim 3's baseline
     assert torch.load(d / "ppo-seed1.pt", weights_only=True)["finished"]
-    r = run("decode", "--bc", "--run-dir", str(d), *SMALL, cwd=d)  # the baseline of claim 2
-    assert r.returncode == 0 and "[bc-32] return" in r.stdout, r.stderr[-3000:]
+    assert "[bc-32] return" in main("decode", "--bc")  # the baseline of claim 2
     assert torch.load(d / "bc-32.pt", weights_only=True)["step"] == 3  # --bc-epochs 3 passes over 32 labels
-    r = run("decode", "--seed", "1", "--run-dir", str(d), *SMALL, cwd=d)  # another seed, beside seed 0's
-    assert r.returncode == 0 and "[decode-32-seed1] return" in r.stdout, r.stderr[-3000:]
-    lapo.main(["decode", "--run-dir", str(d), *SMALL, "--labels", "512", "--decode-epochs", "2"])
+    assert "[decode-32-seed1] return" in main("decode", "--seed", "1")  # another seed, beside seed 0's
+    main("decode", "--labels", "512", "--decode-epochs", "2")
     ckpt = torch.load(d / "decode-512.pt", weights_only=True)  # 2 passes over 512 labels, in batches of 256
     assert ckpt["step"] == 4 and 0 <= ckpt["results"]["test_acc"] <= 1 and 0 <= ckpt["results"]["decoder_test_acc"] <= 1
     train = lapo.Dataset(d / "data", "train")  # the blind baseline plays the action mix of decode's 32 labels
     _, ta = train.get(np.random.default_rng(0).choice(len(train), size=32, replace=False))
     prior = lapo.load_policy(small_cfg(run_dir=str(d)), d / "prior-32.pt")
     assert torch.allclose(prior.logits.exp(), torch.as_tensor(np.bincount(ta, minlength=15) / 32).float())
-    r = run("collect", "--policy", str(d / "decode-32.pt"), "--data", str(d / "decoded"), "--run-dir", str(d),
-            *SMALL, cwd=d)  # a policy without a critic can make a dataset too
-    assert r.returncode == 0 and lapo.Dataset(d / "decoded", "test").frames > 0, r.stderr[-3000:]
+    main("collect", "--policy", str(d / "decode-32.pt"), "--data", str(d / "decoded"))  # a policy without a critic
+    assert lapo.Dataset(d / "decoded", "test").frames > 0  # can make a dataset too
     for policy in ["expert.pt", "decode-32.pt", "bc-32.pt", "prior-32.pt", "finetune.pt", "finetune-rl.pt",
                    "ppo-seed1.pt", "random"]:
         lapo.main(["eval", "--policy", policy if policy == "random" else str(d / policy),  # in-process: faster
@@ -756,11 +755,11 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
             shutil.copy(d / earlier, tmp_path)
     # fine-tuning: the decoder is re-fitted after every update, so its pairs must all survive
     args = [stage, "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"), "--no-amp",
-            "--s1-steps", "300", "--probe-every", "100", "--expert-frames", "8192", "--ft-frames", "4096", "--sl-start", "1",
+            "--s1-steps", "120", "--probe-every", "40", "--expert-frames", "8192", "--ft-frames", "4096", "--sl-start", "1",
             "--sl-dense", "1000000000", "--sl-end", "1000000000", "--ckpt-every-s", "0.2"]
     r = kill_and_resume(args, tmp_path / f"{stage}.pt", tmp_path, seed=len(stage))
     assert r.returncode == 0 and r.stdout.count("resuming") == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    total = dict(stage1=300, expert=8192, finetune=4096)[stage]
+    total = dict(stage1=120, expert=8192, finetune=4096)[stage]
     ckpt = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["step"] == total
     log = tmp_path / f"{stage}.jsonl"
@@ -768,7 +767,7 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
     every = 1 if stage == "stage1" else 8 * 16  # a row per step, or per update of 8 games x 16 steps
     assert steps == list(range(every, total + 1, every))  # no lost or doubled rows
     if stage == "stage1":
-        assert jsonl(log, "probe_la", "step") == [0, 100, 200, 300]
+        assert jsonl(log, "probe_la", "step") == [0, 40, 80, 120]
     if stage == "finetune":
         frames_per_update = 8 * 16
         assert jsonl(log, "sl_updates") == [s // frames_per_update for s in jsonl(log, "sl_updates", "step")]
