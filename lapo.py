@@ -797,15 +797,14 @@ def stage1_update(cfg, idm, fdm, opt, x, step):
 
 @torch.no_grad()
 def latent_actions(cfg, idm, windows, batch=256):
-    """IDM latent actions (continuous, quantised), on the CPU, for uint8 windows (N, 3, 64, 64, 3)."""
+    """The IDM's continuous latent actions (before quantisation: what the latent policy
+    imitates and the decoder reads) for uint8 windows (N, 3, 64, 64, 3), on cfg.device."""
     idm.eval()
-    la, la_q = [], []
+    la = []
     for i in range(0, len(windows), batch):
         with autocast(cfg):
-            la_i, la_q_i, _, _ = idm(to_input(windows[i : i + batch], cfg.device))
-        la.append(la_i.float().cpu())
-        la_q.append(la_q_i.float().cpu())
-    return torch.cat(la), torch.cat(la_q)
+            la.append(idm(to_input(windows[i : i + batch], cfg.device))[0].float())
+    return torch.cat(la)
 
 
 def stage2_update(cfg, idm, policy, opt, x, step):
@@ -884,8 +883,7 @@ def label_rollout(cfg, idm, obs, actions, dones):
     t = torch.arange(1, len(obs) - 1, device=obs.device)
     windows = torch.stack([obs[t - 1], obs[t], obs[t + 1]], 2).flatten(0, 1)  # ((T-2)*E, 3, ...)
     same_episode = ((dones[t] == 0) & (dones[t + 1] == 0)).flatten()
-    la, _ = latent_actions(cfg, idm, windows[same_episode])
-    return la, actions[t].flatten()[same_episode].long().cpu()
+    return latent_actions(cfg, idm, windows[same_episode]), actions[t].flatten()[same_episode].long()
 
 
 def fit_decoder(cfg, la, ta):
@@ -920,7 +918,7 @@ class DecoderSL:
             self.la, self.ta = self.la[:0], self.ta[:0]
             return dict(sl_updates=self.updates)
         la, ta = label_rollout(cfg, self.idm, obs, actions, dones)
-        self.la, self.ta = torch.cat([self.la, la.to(cfg.device)]), torch.cat([self.ta, ta.to(cfg.device)])
+        self.la, self.ta = torch.cat([self.la, la]), torch.cat([self.ta, ta])
         metrics = dict(sl_updates=self.updates, sl_pairs=len(self.ta))
         if frames > cfg.sl_start * s and (frames < cfg.sl_dense * s or self.updates % cfg.sl_every == 0):
             decoder, metrics["sl_loss"] = fit_decoder(cfg, self.la, self.ta)
@@ -988,18 +986,19 @@ def stage1_eval(cfg, idm, fdm, windows, ta, groups):
     """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
     quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
     batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
-    la, la_q = latent_actions(cfg, idm, windows)
-    perplexity, live_codes = math.nan, 0
+    la = latent_actions(cfg, idm, windows)
+    la_q, perplexity, live_codes = la, math.nan, 0
     if idm.vq is not None:
-        _, _, perplexity, codes = idm.vq(la.to(cfg.device))
+        la_q, _, perplexity, codes = idm.vq(la)
         # codes in use on the probe windows, in the codebook that uses fewest
         perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
     every = max(1, len(windows) // 512)  # 512 windows spread over the test set, for the FDM
-    x, la_x = to_input(windows[::every], cfg.device), la_q[::every].to(cfg.device)
+    x, la_x = to_input(windows[::every], cfg.device), la_q[::every]
     fdm.eval()
     with autocast(cfg):
         pred = fdm(x[:, :6], la_x).float()
         shuffled = fdm(x[:, :6], la_x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]).float()
+    la, la_q = la.cpu(), la_q.cpu()  # the probe fits on the CPU
     return dict(probe_la=probe_accuracy(la, ta, cfg.probe_steps),
                 probe_la_merged=probe_accuracy(la, torch.as_tensor(groups)[ta], cfg.probe_steps),
                 probe_la_q=probe_accuracy(la_q, ta, cfg.probe_steps),
@@ -1296,6 +1295,9 @@ def stage1(cfg):
               f"vs majority {bars['majority']:.3f}, frame difference {bars['probe_frame_diff']:.3f}; "
               f"on action groups {results['probe_la_merged']:.3f} vs {bars['majority_merged']:.3f}, "
               f"{bars['probe_frame_diff_merged']:.3f}; perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
+        used = results["test_fdm_mse_shuffled"] / results["test_fdm_mse"]
+        print(f"[stage1] FDM error with shuffled latents: {used:.2f}x its own" + (
+            " -- the FDM ignores the latent, which has collapsed: try another --seed" if used < 1.01 else ""))
     return results
 
 
@@ -1397,8 +1399,8 @@ def decode(cfg, bc=False, prior=False):
     else:  # latent action -> a_t: the rest was learnt without labels
         idm = load_idm(cfg)
         agent = DecodedPolicy(cfg, load_latent_policy(cfg, idm)).to(cfg.device, memory_format=torch.channels_last)
-        net, kind, x = agent.decoder, "decoded", latent_actions(cfg, idm, windows)[0].to(cfg.device)
-        test_la = latent_actions(cfg, idm, test_windows)[0].to(cfg.device)
+        net, kind, x = agent.decoder, "decoded", latent_actions(cfg, idm, windows)
+        test_la = latent_actions(cfg, idm, test_windows)
     ta = torch.as_tensor(ta, device=cfg.device)
     batch = min(256, len(x))
     steps = (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch

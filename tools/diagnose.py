@@ -81,9 +81,9 @@ def main():
     groups = np.array(ckpt["bars"]["groups"])
     idm = lapo.IDM(cfg)
     idm.load_state_dict(ckpt["idm"])
-    la, la_q = lapo.latent_actions(cfg, idm, windows)
+    la = lapo.latent_actions(cfg, idm, windows)
     torch.manual_seed(cfg.seed)
-    la_untrained, _ = lapo.latent_actions(cfg, lapo.IDM(cfg), windows)
+    la_untrained = lapo.latent_actions(cfg, lapo.IDM(cfg), windows)
     diff = (torch.as_tensor(windows[:, 2]).float() - torch.as_tensor(windows[:, 1]).float()).flatten(1) / 255
     ta_t, group_t = torch.as_tensor(ta), torch.as_tensor(groups[ta])
     print(f"{cfg.env}, step {ckpt['step']}, {n} held-out windows: probe fitted on half, scored on the "
@@ -109,7 +109,7 @@ def main():
     pos = {tuple(ct): i for i, ct in enumerate(test.index.tolist())}
     has_prev = [i for i, (c, t) in enumerate(test.index[idx]) if (c, t - 1) in pos]
     prev_windows, _ = test.get(np.array([pos[(c, t - 1)] for c, t in test.index[idx[has_prev]]]))
-    la_prev, _ = lapo.latent_actions(cfg, idm, prev_windows)
+    la_prev = lapo.latent_actions(cfg, idm, prev_windows)
     y = group_t[has_prev]
     print(f"  momentum: on the {len(has_prev)} windows with one before them, the probe on groups reads "
           f"{lapo.probe_accuracy(la[has_prev], y, args.probe_steps):.3f} from the latent, "

@@ -167,7 +167,7 @@ def pictures(run, out, cfg):
             axes[i, j].set_title(title, fontsize=8)
             axes[i, j].axis("off")
     save(fig, out, "fdm_predictions.png")
-    la, _ = lapo.latent_actions(cfg, idm, obs)
+    la = lapo.latent_actions(cfg, idm, obs).cpu()
     la = la - la.mean(0)
     xy = la @ torch.linalg.svd(la, full_matrices=False)[2][:2].T
     fig, ax = plt.subplots(figsize=(6, 5))
