@@ -1295,9 +1295,9 @@ def stage1(cfg):
               f"vs majority {bars['majority']:.3f}, frame difference {bars['probe_frame_diff']:.3f}; "
               f"on action groups {results['probe_la_merged']:.3f} vs {bars['majority_merged']:.3f}, "
               f"{bars['probe_frame_diff_merged']:.3f}; perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}")
-        used = results["test_fdm_mse_shuffled"] / results["test_fdm_mse"]
-        print(f"[stage1] FDM error with shuffled latents: {used:.2f}x its own" + (
-            " -- the FDM ignores the latent, which has collapsed: try another --seed" if used < 1.01 else ""))
+        used = results["test_fdm_mse_shuffled"] / max(results["test_fdm_mse"], 1e-12)
+        print(f"[stage1] FDM error with shuffled latents: {used:.2f}x its own" + (" -- the FDM barely uses the "
+              "latent, so it carries little of the action: try another --seed or more --s1-steps" if used < 1.01 else ""))
     return results
 
 
