@@ -224,6 +224,19 @@ def test_stage2_update_leaves_the_idm_alone():
     assert all(torch.equal(before[k], v) for k, v in idm.state_dict().items())  # codebook included
 
 
+def test_latent_actions_are_the_idms_latent_before_quantisation():
+    """What the latent policy imitates and the decoders read, batch by batch as one pass would."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    idm = lapo.IDM(cfg).eval()
+    windows = torch.randint(0, 256, (5, 3, 64, 64, 3), dtype=torch.uint8)
+    la = lapo.latent_actions(cfg, idm, windows, batch=2)
+    with torch.no_grad():
+        continuous, quantised, _, _ = idm(lapo.to_input(windows, "cpu"))
+    assert torch.allclose(la, continuous, atol=1e-5)
+    assert not torch.allclose(la, quantised, atol=1e-3)
+
+
 def test_decoder_pairs_the_latent_of_a_window_with_the_action_taken_at_o_t():
     """Frame (t, e) is one grey level that encodes t and e; a fake IDM reads the three grey
     levels of its window back. Every pair must be (o_{t-1}, o_t, o_{t+1}) of one env and one
