@@ -985,7 +985,8 @@ def stage1_bars(cfg, windows, ta):
 def stage1_eval(cfg, idm, fdm, windows, ta, groups):
     """On held-out windows: the probe on the latent (continuous: raw actions and action groups;
     quantised: raw); the FDM's error against copying o_t, and with latents shuffled across the
-    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes."""
+    batch (if that is no worse, the FDM ignores the latent); codebook perplexity, live codes;
+    the latent's spread across windows (std, mean over dims: 0 once it has collapsed)."""
     la = latent_actions(cfg, idm, windows)
     la_q, perplexity, live_codes = la, math.nan, 0
     if idm.vq is not None:
@@ -1005,7 +1006,7 @@ def stage1_eval(cfg, idm, fdm, windows, ta, groups):
                 test_fdm_mse=F.mse_loss(pred, x[:, 6:]).item(),
                 test_fdm_mse_shuffled=F.mse_loss(shuffled, x[:, 6:]).item(),
                 test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(),
-                test_perplexity=perplexity, live_codes=live_codes)
+                test_perplexity=perplexity, live_codes=live_codes, latent_spread=la.std(0).mean().item())
 
 
 def evaluate(cfg, agent, episodes):
@@ -1284,6 +1285,10 @@ def stage1(cfg):
         if step % cfg.probe_every == 0 or finished:  # logged before the checkpoint: never redone
             results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
             log.log(step, force=True, **results, **bars)
+            if results["latent_spread"] < 1e-6:  # the IDM's ReLU features died: no gradient brings them back
+                rerun = f"Delete {path} (else it resumes this run) and run" if path.exists() else "Run"
+                raise LapoError(f"stage 1 collapsed at step {step}: the IDM gives every held-out window the same "
+                                f"latent action, for good. {rerun} it again with another --seed")
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
                 results.update(minutes=(time.time() - t0) / 60, **bars)

@@ -827,6 +827,25 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pipeline_run, tmp_
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["idm"].values())
 
 
+def test_collapsed_latent_stops_stage1_with_what_to_run(pipeline_run, tmp_path, monkeypatch):
+    d, _ = pipeline_run
+    real = lapo.stage1_update
+
+    def dead_features(cfg, idm, fdm, opt, x, step):  # from the 3rd step the IDM's fc outputs its bias alone
+        out = real(cfg, idm, fdm, opt, x, step)
+        if step >= 2:
+            idm.cnn.fc.weight.data.zero_()
+        return out
+
+    monkeypatch.setattr(lapo, "stage1_update", dead_features)
+    cfg = small_cfg(run_dir=str(tmp_path), data=str(d / "data"), s1_steps=10, s1_batch=16,
+                    probe_frames=64, probe_steps=5, probe_every=2, ckpt_every_s=1e-9)
+    with pytest.raises(lapo.LapoError, match=r"collapsed at step 4: .* Delete .*stage1.pt .* another --seed"):
+        lapo.stage1(cfg)
+    spreads = jsonl(tmp_path / "stage1.jsonl", "latent_spread")
+    assert spreads[0] > 1e-4 and spreads[-1] < 1e-6  # healthy before, logged when it collapsed
+
+
 def test_collect_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(lapo.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     cfg = small_cfg(run_dir=str(tmp_path), data=str(tmp_path / "data"), train_frames=2048)
