@@ -772,7 +772,7 @@ def make_policy(kind, cfg):
 def idm_fdm_loss(idm, fdm, x):
     """x (B, 9, 64, 64) = (o_{t-1}, o_t, o_{t+1}). The IDM sees all three frames; the FDM sees
     the first two and the quantised latent action of this very transition."""
-    la, la_q, commitment, perplexity = idm(x)
+    _, la_q, commitment, perplexity = idm(x)
     fdm_loss = F.mse_loss(fdm(x[:, :6], la_q).float(), x[:, 6:])
     return fdm_loss, commitment, perplexity
 
@@ -1334,10 +1334,7 @@ def stage2(cfg):
     rank, world = rank_world()
     policy_ddp = DDP(policy) if world > 1 else policy
     test_windows, _ = test.sample(np.random.default_rng(cfg.seed), 512)
-    test_x = to_input(test_windows, cfg.device)
-    with torch.no_grad(), autocast(cfg):
-        test_la, _, _, _ = idm(test_x)
-    test_la = test_la.float()
+    test_x, test_la = to_input(test_windows, cfg.device), latent_actions(cfg, idm, test_windows)
     # predicting the mean latent is the bar: the policy must beat it
     results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
     log = Logger(cfg, "stage2", cfg.s2_steps, start=step)
