@@ -686,10 +686,8 @@ def mlp(*sizes):
 class DecodedPolicy(nn.Module):
     """Offline decoding: the latent policy followed by a latent -> true action decoder."""
 
-    def __init__(self, cfg, latent_policy=None):
+    def __init__(self, cfg, latent_policy):
         super().__init__()
-        if latent_policy is None:  # an empty shell, for loading a checkpoint
-            latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.latent_policy = latent_policy
         self.decoder = mlp(cfg.la_dim, *OFFLINE_DECODER, NUM_ACTIONS)
 
@@ -724,10 +722,8 @@ class RLSLPolicy(nn.Module):
     code; a random decoder until SL first fits it), and RL only has to correct it.
     With sl=False (RL only) PPO trains the decoder instead of SL."""
 
-    def __init__(self, cfg, latent_policy=None, sl=True):
+    def __init__(self, cfg, latent_policy, sl=True):
         super().__init__()
-        if latent_policy is None:  # an empty shell, for loading a checkpoint
-            latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
         self.conv = latent_policy.cnn.conv
         self.fc_rl = latent_policy.cnn.fc
         self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
@@ -755,10 +751,10 @@ def make_policy(kind, cfg):
     """Rebuilds a saved acting policy from its kind: every checkpoint that can act says which."""
     if kind == "policy":
         return Policy(cfg.policy_scale, NUM_ACTIONS)
-    if kind == "decoded":
-        return DecodedPolicy(cfg)
+    if kind == "decoded":  # an empty latent policy: the checkpoint fills in its weights
+        return DecodedPolicy(cfg, Policy(cfg.policy_scale, cfg.la_dim, value=False))
     if kind == "rlsl":
-        return RLSLPolicy(cfg)
+        return RLSLPolicy(cfg, Policy(cfg.policy_scale, cfg.la_dim, value=False))
     if kind == "prior":
         return ActionPrior()
     raise LapoError(f"checkpoint kind {kind!r} cannot act")

@@ -166,7 +166,7 @@ def test_ppo_heads_compute_in_fp32_under_bf16_autocast():
     """bf16 keeps 8 bits: values rounded to it would make GAE's advantages mostly noise."""
     cfg = dataclasses.replace(small_cfg(), amp=True)
     x = torch.rand(4, 3, 64, 64) - 0.5
-    for agent in (lapo.Policy(cfg.policy_scale, lapo.NUM_ACTIONS), lapo.RLSLPolicy(cfg)):
+    for agent in (lapo.Policy(cfg.policy_scale, lapo.NUM_ACTIONS), lapo.make_policy("rlsl", cfg)):
         with lapo.autocast(cfg):
             logits, value = agent(x)
         assert logits.dtype == value.dtype == torch.float32
@@ -200,7 +200,7 @@ def test_ppo_update_trains_the_decoder_only_without_sl(sl):
     the clip (nor the frozen trunk's). RL only (--no-sl): PPO trains the decoder."""
     cfg = small_cfg(epochs=2, minibatches=2)
     torch.manual_seed(0)
-    agent = lapo.RLSLPolicy(cfg, sl=sl)
+    agent = lapo.RLSLPolicy(cfg, lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False), sl=sl)
     torch.nn.init.normal_(agent.rl_head.weight, std=0.1)  # zero at init; make the RL path count
     opt, _ = lapo.finetune_optimizer(cfg, agent, sl)
     lapo.set_lr(opt, 1e-3, 1e-3, 1e-3)  # its three parts
