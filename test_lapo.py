@@ -299,7 +299,7 @@ def test_pieces_copy_out_on_their_own():
     ns = copy_out(["ResidualBlock", "ImpalaCNN", "Policy", "orthogonal_init", "mlp", "RLSLPolicy", "fit_decoder"],
                   NUM_ACTIONS=15, ONLINE_DECODER=(192, 128, 64))
     cfg = types.SimpleNamespace(la_dim=32, policy_scale=0.25, sl_epochs=2, sl_batch=64, sl_smoothing=0.05)
-    agent = ns["RLSLPolicy"](cfg)
+    agent = ns["RLSLPolicy"](cfg, ns["Policy"](cfg.policy_scale, cfg.la_dim, value=False))
     logits, value = agent(torch.rand(4, 3, 64, 64) - 0.5)
     assert logits.shape == (4, 15) and value.shape == (4,)
     decoder, loss = ns["fit_decoder"](cfg, torch.randn(256, 32), torch.randint(15, (256,)))
