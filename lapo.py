@@ -1281,7 +1281,7 @@ def stage1(cfg):
         if step % cfg.probe_every == 0 or finished:  # logged before the checkpoint: never redone
             results = stage1_eval(cfg, idm, fdm, probe_windows, probe_ta, bars["groups"])
             log.log(step, force=True, **results, **bars)
-            if results["latent_spread"] < 1e-6:  # the IDM's ReLU features died: no gradient brings them back
+            if results["latent_spread"] < 1e-6:  # one latent for every window: no gradient makes it vary again
                 rerun = f"Delete {path} (else it resumes this run) and run" if path.exists() else "Run"
                 raise LapoError(f"stage 1 collapsed at step {step}: the IDM gives every held-out window the same "
                                 f"latent action, for good. {rerun} it again with another --seed")
