@@ -900,32 +900,32 @@ class DecoderSL:
     """The SL of RL+SL, run after every PPO update, so the next rollout acts with the new
     decoder: label the rollout's transitions with the IDM and, inside the SL window, re-fit
     the decoder from scratch on every pair so far (after each update until sl_dense frames,
-    then every sl_every updates). Its pairs and counter go into the run's checkpoints."""
+    then every sl_every updates). Its pairs go into the run's checkpoints."""
 
     def __init__(self, cfg, idm, decoder):
         self.cfg, self.idm, self.decoder = cfg, idm, decoder
         self.la = torch.zeros(0, cfg.la_dim, device=cfg.device)
-        self.ta, self.updates = torch.zeros(0, dtype=torch.long, device=cfg.device), 0
+        self.ta = torch.zeros(0, dtype=torch.long, device=cfg.device)
 
     def __call__(self, obs, actions, dones, frames):
         cfg, s = self.cfg, self.cfg.ft_schedule_scale
-        self.updates += 1
         if frames >= cfg.sl_end * s:  # the window is over: the pairs are no longer needed
             self.la, self.ta = self.la[:0], self.ta[:0]
-            return dict(sl_updates=self.updates)
+            return {}
         la, ta = label_rollout(cfg, self.idm, obs, actions, dones)
         self.la, self.ta = torch.cat([self.la, la]), torch.cat([self.ta, ta])
-        metrics = dict(sl_updates=self.updates, sl_pairs=len(self.ta))
-        if frames > cfg.sl_start * s and (frames < cfg.sl_dense * s or self.updates % cfg.sl_every == 0):
+        metrics = dict(sl_pairs=len(self.ta))
+        update = frames // (cfg.num_envs * cfg.num_steps)  # PPO updates so far, this one included
+        if frames > cfg.sl_start * s and (frames < cfg.sl_dense * s or update % cfg.sl_every == 0):
             decoder, metrics["sl_loss"] = fit_decoder(cfg, self.la, self.ta)
             self.decoder.load_state_dict(decoder.state_dict())
         return metrics
 
     def state_dict(self):
-        return dict(la=self.la, ta=self.ta, updates=self.updates)
+        return dict(la=self.la, ta=self.ta)
 
     def load_state_dict(self, d):
-        self.la, self.ta, self.updates = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device), d["updates"]
+        self.la, self.ta = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device)
 
 
 # ----------------------------------------------------------------------------------------

@@ -262,6 +262,25 @@ def test_decoder_pairs_the_latent_of_a_window_with_the_action_taken_at_o_t():
     assert not ((e == 1) & ((t == 4) | (t == 5))).any()
 
 
+def test_decoder_sl_refits_in_its_window():
+    """8 frames an update; SL re-fits after each update past sl_start (8) up to sl_dense (24),
+    then after every sl_every-th (2) update, and from sl_end (56) drops its pairs."""
+    cfg = small_cfg(num_envs=2, num_steps=4, minibatches=1, sl_start=8, sl_dense=24, sl_every=2, sl_end=56,
+                    ft_schedule_scale=1.0, ft_frames=10**6)
+
+    class ZeroIDM(torch.nn.Module):
+        def forward(self, x):
+            la = torch.zeros(len(x), cfg.la_dim)
+            return la, la, torch.zeros(()), torch.ones(())
+
+    sl = lapo.DecoderSL(cfg, ZeroIDM(), lapo.mlp(cfg.la_dim, *lapo.ONLINE_DECODER, lapo.NUM_ACTIONS))
+    obs, actions, dones = torch.zeros(4, 2, 64, 64, 3, dtype=torch.uint8), torch.zeros(4, 2), torch.zeros(4, 2)
+    metrics = [sl(obs, actions, dones, frames) for frames in range(8, 72, 8)]
+    assert [u + 1 for u, m in enumerate(metrics) if "sl_loss" in m] == [2, 4, 6]
+    assert [m.get("sl_pairs") for m in metrics] == [4, 8, 12, 16, 20, 24, None, None]
+    assert len(sl.state_dict()["la"]) == 0
+
+
 def copy_out(names, **given):
     """exec the source of lapo's `names`, in order, with torch imports and `given` only."""
     import copy as copy_module
@@ -783,7 +802,7 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
         assert jsonl(log, "probe_la", "step") == [0, 40, 80, 120]
     if stage == "finetune":
         frames_per_update = 8 * 16
-        assert jsonl(log, "sl_updates") == [s // frames_per_update for s in jsonl(log, "sl_updates", "step")]
+        assert jsonl(log, "sl_loss", "step") == steps  # a re-fit after every update, resumed or not
         pairs = jsonl(log, "sl_pairs")
         assert all(a < b for a, b in zip(pairs, pairs[1:]))  # every update adds to all the pairs before
         windows, episodes = (total // frames_per_update) * (16 - 2) * 8, len(jsonl(log, "episode_return"))
