@@ -105,6 +105,8 @@ class Config:
     s1_batch: int = arg(128, "stage-1 batch")
     s1_lr: float = arg(3e-4, "stage-1 learning rate: from 0.1x over the warm-up, to 0.01x")
     s1_warmup: int = arg(50, "stage-1 warm-up steps (at most half of --s1-steps)")
+    s1_idm_lr_scale: float = arg(1.0, "the IDM's stage-1 learning rate as a multiple of the FDM's "
+                                 "(the paper: 1; at 0.3 a seed that collapsed at 1 read the action, README)")
     s1_clip: float = arg(2.0, "stage-1 gradient-norm clip")
     probe_every: int = arg(5_000, "stage-1 steps between probes (latent -> true action)")
     probe_frames: int = arg(16_384, "held-out windows for the probe, half to fit, half to score")
@@ -775,9 +777,11 @@ def idm_fdm_loss(idm, fdm, x):
 
 def stage1_update(cfg, idm, fdm, opt, x, step):
     """One step of stage 1 on windows x: FDM error + commitment, no action labels. The
-    learning rate warms up from 0.1x and decays linearly to 0.01x (the paper's schedule)."""
+    learning rate warms up from 0.1x and decays linearly to 0.01x (the paper's schedule); opt
+    has two groups, the IDM's (at s1_idm_lr_scale x that rate) and the FDM's."""
     warmup = min(cfg.s1_warmup, cfg.s1_steps // 2)
-    set_lr(opt, lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr]))
+    lr = lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])
+    set_lr(opt, lr * cfg.s1_idm_lr_scale, lr)  # the optimiser's groups: IDM, FDM
     idm.train(), fdm.train()
     with autocast(cfg):
         fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, x)
@@ -1054,7 +1058,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state, after_updat
     if state and state["step"] - E * T >= frames:  # it went on past this budget (not just to its end)
         flag = "--expert-frames" if name == "expert" else "--ft-frames"
         raise LapoError(f"{path} is at frame {state['step']}, {flag} is {frames}: raise it or delete the file")
-    done_frames = restore(state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
+    done_frames = restore(path, state, policy=agent, opt=opt, normalizer=normalize, after_update=after_update)
     returns = state["returns"] if state else []
     seed_everything(cfg.seed + done_frames)  # a resumed run continues on fresh levels
     envs = make_env(cfg.env, E, cfg.seed + done_frames)
@@ -1255,8 +1259,8 @@ def stage1(cfg):
     idm = IDM(cfg, GlobalVectorQuantizerEMA if world > 1 else VectorQuantizerEMA)
     fdm = FDM(cfg, GlobalBatchNorm2d if world > 1 else nn.BatchNorm2d)
     idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in (idm, fdm))
-    opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()], lr=cfg.s1_lr)
-    step = restore(state, idm=idm, fdm=fdm, opt=opt)
+    opt = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())], lr=cfg.s1_lr)
+    step = restore(path, state, idm=idm, fdm=fdm, opt=opt)
     if step >= cfg.s1_steps:  # an unfinished run of more steps
         raise LapoError(f"{path} is at step {step}, --s1-steps is {cfg.s1_steps}: raise it or delete the file")
     if step:  # a resumed run draws fresh batches
@@ -1284,7 +1288,8 @@ def stage1(cfg):
             if results["latent_spread"] < 1e-6:  # one latent for every window: no gradient makes it vary again
                 rerun = f"Delete {path} (else it resumes this run) and run" if path.exists() else "Run"
                 raise LapoError(f"stage 1 collapsed at step {step}: the IDM gives every held-out window the same "
-                                f"latent action, for good. {rerun} it again with another --seed")
+                                f"latent action, for good. {rerun} it again with another --seed or "
+                                f"--s1-idm-lr-scale 0.3")
         if time.time() - last_save > cfg.ckpt_every_s or finished:
             if finished:
                 results.update(minutes=(time.time() - t0) / 60, **bars)
@@ -1322,7 +1327,7 @@ def stage2(cfg):
     rng = seed_everything(cfg.seed)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
-    step = restore(state, policy=policy, opt=opt)
+    step = restore(path, state, policy=policy, opt=opt)
     if step >= cfg.s2_steps:  # an unfinished run of more steps
         raise LapoError(f"{path} is at step {step}, --s2-steps is {cfg.s2_steps}: raise it or delete the file")
     if step:  # a resumed run draws fresh batches
@@ -1596,14 +1601,18 @@ def start_time(state):
     return time.time() - 60 * state.get("minutes", 0) if state else time.time()
 
 
-def restore(state, **parts):
+def restore(path, state, **parts):
     """Loads each part (module, optimiser, ...) of a resumed run from its checkpoint; returns
     the step the run had reached, 0 for a fresh run."""
     if state is None:
         return 0
     for name, part in parts.items():
         if part is not None:
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except (KeyError, ValueError, RuntimeError) as e:  # e.g. saved by an older lapo.py
+                raise LapoError(f"{path}: its {name} does not fit this lapo.py ({e}); delete it to start "
+                                f"the stage again") from None
     return state["step"]
 
 
@@ -1764,7 +1773,8 @@ USES = dict(
     expert=PPO_FIELDS + ("expert_frames", "expert_lr", "expert_ent", "eval_episodes", "ckpt_every_s"),
     collect=("num_envs", "train_frames", "test_frames", "collect_temp"),
     stage1=("vq_beta", "vq_decay", "vq_count_init", "vq_reset_after", "s1_steps", "s1_batch",
-            "s1_lr", "s1_warmup", "s1_clip", "probe_every", "probe_frames", "probe_steps", "ckpt_every_s"),
+            "s1_lr", "s1_warmup", "s1_idm_lr_scale", "s1_clip", "probe_every", "probe_frames", "probe_steps",
+            "ckpt_every_s"),
     stage2=("s2_steps", "s2_batch", "s2_lr", "s2_warmup", "ckpt_every_s"),
     decode=("labels", "decode_epochs", "bc_epochs", "decode_lr", "decode_wd", "eval_episodes"),
     finetune=PPO_FIELDS + ("expert_lr", "expert_ent", "ft_frames", "ft_lr", "ft_ent", "ft_schedule_scale",

@@ -214,6 +214,19 @@ def test_ppo_update_trains_the_decoder_only_without_sl(sl):
     assert untrained_grads == []  # nothing accumulates where the clip or the optimiser cannot see
 
 
+def test_stage1_update_steps_the_idm_at_its_own_learning_rate():
+    """Adam's first step moves each weight by at most its group's learning rate."""
+    cfg = small_cfg(s1_idm_lr_scale=0.01, s1_warmup=0)
+    torch.manual_seed(0)
+    idm, fdm = lapo.IDM(cfg), lapo.FDM(cfg)
+    before = [p.detach().clone() for p in (*idm.parameters(), *fdm.parameters())]
+    opt = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
+    lapo.stage1_update(cfg, idm, fdm, opt, torch.rand(4, 9, 64, 64) - 0.5, step=0)
+    moved = [(p.detach() - b).abs().max().item() for p, b in zip((*idm.parameters(), *fdm.parameters()), before)]
+    n_idm = len(list(idm.parameters()))
+    assert max(moved[:n_idm]) <= 1.001 * 0.01 * cfg.s1_lr < 0.5 * cfg.s1_lr < max(moved[n_idm:])
+
+
 def test_stage2_update_leaves_the_idm_alone():
     cfg = small_cfg(vq_reset_after=1)
     torch.manual_seed(0)
@@ -309,9 +322,9 @@ def test_pieces_copy_out_on_their_own():
     cfg = types.SimpleNamespace(idm_scale=0.25, fdm_width=4, fdm_residual=True, la_dim=32, vq=True,
                                 vq_codebooks=2, vq_codes=8, vq_dim=4, vq_beta=0.05, vq_decay=0.99,
                                 vq_count_init=1.0, vq_reset_after=0, s1_steps=10, s1_warmup=2,
-                                s1_lr=1e-3, s1_clip=2.0, device="cpu", amp=False)
+                                s1_lr=1e-3, s1_idm_lr_scale=1.0, s1_clip=2.0, device="cpu", amp=False)
     idm, fdm = ns["IDM"](cfg), ns["FDM"](cfg)
-    opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
+    opt = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
     metrics = ns["stage1_update"](cfg, idm, fdm, opt, torch.rand(4, 9, 64, 64) - 0.5, step=0)
     assert math.isfinite(metrics["fdm_loss"])
 
@@ -720,6 +733,16 @@ def test_resuming_with_fewer_steps_names_the_flag(pipeline_run, tmp_path):
     torch.save(dict(ckpt, finished=False), tmp_path / "expert.pt")
     line = error_line(run("expert", "--run-dir", str(tmp_path), *SMALL, "--expert-frames", "128", cwd=tmp_path))
     assert "expert.pt is at frame 256, --expert-frames is 128" in line
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_is_named(pipeline_run, tmp_path):
+    d, _ = pipeline_run
+    ckpt = torch.load(d / "stage1.pt", weights_only=True)
+    opt = ckpt["opt"]  # as an older lapo.py saved it: IDM and FDM in one optimiser group
+    opt["param_groups"] = [dict(opt["param_groups"][0], params=[p for g in opt["param_groups"] for p in g["params"]])]
+    torch.save(dict(ckpt, finished=False, step=2, opt=opt), tmp_path / "stage1.pt")
+    line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"), cwd=tmp_path))
+    assert "stage1.pt: its opt does not fit this lapo.py" in line and "delete it" in line
 
 
 def test_run_killed_in_its_final_evaluation_resumes_there(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def main():
             idm = lapo.IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
             fdm = lapo.FDM(cfg).to(cfg.device, memory_format=torch.channels_last)
             policy = lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
-            opt1 = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])
+            opt1 = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
             opt2 = torch.optim.Adam(policy.parameters())
             x = lapo.to_input(rng.integers(0, 256, (cfg.s1_batch, 3, 64, 64, 3), dtype=np.uint8), cfg.device)
             s1 = median_s(lambda: lapo.stage1_update(cfg, idm, fdm, opt1, x, step=100), cfg.device)
