@@ -216,12 +216,12 @@ def test_ppo_update_trains_the_decoder_only_without_sl(sl):
 
 def test_stage1_update_steps_the_idm_at_its_own_learning_rate():
     """Adam's first step moves each weight by at most its group's learning rate."""
-    cfg = small_cfg(s1_idm_lr_scale=0.01, s1_warmup=0)
+    cfg = small_cfg(s1_idm_lr_scale=0.01, s1_warmup=1)  # at step 1 the schedule is at s1_lr
     torch.manual_seed(0)
     idm, fdm = lapo.IDM(cfg), lapo.FDM(cfg)
     before = [p.detach().clone() for p in (*idm.parameters(), *fdm.parameters())]
     opt = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
-    lapo.stage1_update(cfg, idm, fdm, opt, torch.rand(4, 9, 64, 64) - 0.5, step=0)
+    lapo.stage1_update(cfg, idm, fdm, opt, torch.rand(4, 9, 64, 64) - 0.5, step=1)
     moved = [(p.detach() - b).abs().max().item() for p, b in zip((*idm.parameters(), *fdm.parameters()), before)]
     n_idm = len(list(idm.parameters()))
     assert max(moved[:n_idm]) <= 1.001 * 0.01 * cfg.s1_lr < 0.5 * cfg.s1_lr < max(moved[n_idm:])
