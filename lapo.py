@@ -1792,7 +1792,10 @@ def build_parser(preset="paper"):
     defaults = make_config(preset) if preset in PRESETS else Config()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="start here: python lapo.py pipeline --preset tiny  (minutes on 2 CPU cores)\n"
+        epilog="start here, a first sign of claim 1 in minutes on 2 CPU cores (README: Quick start):\n"
+               "  python lapo.py collect --random --preset tiny --env dodgeball\n"
+               "  python lapo.py stage1 --preset tiny --env dodgeball --s1-steps 1000\n"
+               "every stage at toy sizes, then a table: python lapo.py pipeline --preset tiny\n"
                "the default preset is paper: the paper's sizes, a GPU job\n"
                "python lapo.py <command> --help: the flags a command reads, with the preset's values")
     sub = parser.add_subparsers(dest="command", required=True)

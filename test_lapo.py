@@ -622,7 +622,8 @@ def test_help_lists_the_flags_a_subcommand_reads_with_the_presets_values(capsys)
     assert lapo.build_parser().parse_args(["eval", "--policy", "random", "--s1-lr", "1"]).s1_lr == 1  # still accepted
     with pytest.raises(SystemExit, match="2"):  # no command at all: the whole help, with where to start
         lapo.main([])
-    assert "start here: python lapo.py pipeline --preset tiny" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "python lapo.py collect --random --preset tiny --env dodgeball" in err and "pipeline --preset tiny" in err
 
 
 def test_unknown_game(tmp_path):
