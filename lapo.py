@@ -212,8 +212,9 @@ def check_config(cfg):
     if ramps_end * cfg.ft_schedule_scale >= cfg.ft_frames:
         raise LapoError(f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame {ramps_end} x "
                         f"--ft-schedule-scale {cfg.ft_schedule_scale:g}): raise --ft-frames or lower --ft-schedule-scale")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LapoError(f"--device {cfg.device}: CUDA is not available on this machine")
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if cfg.device not in devices:
+        raise LapoError(f"--device {cfg.device}: this machine's devices are {', '.join(devices)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -792,6 +793,7 @@ def stage1_update(cfg, idm, fdm, opt, x, step):
     loss.backward()
     nn.utils.clip_grad_norm_(trained_params(opt), cfg.s1_clip)
     opt.step()
+    # perplexity: under torchrun, of rank 0's share of the batch (a mean over ranks is not the batch's)
     return dict(fdm_loss=logged[1].item(), commitment=logged[2].item(), perplexity=perplexity.item())
 
 
@@ -993,7 +995,7 @@ def stage1_eval(cfg, idm, fdm, windows, ta, groups):
         la_q, _, perplexity, codes = idm.vq(la)
         # codes in use on the probe windows, in the codebook that uses fewest
         perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(windows) // 512)  # 512 windows spread over the test set, for the FDM
+    every = max(1, len(windows) // 512)  # 512-1,023 of the probe windows, evenly spaced, for the FDM
     x, la_x = to_input(windows[::every], cfg.device), la_q[::every]
     fdm.eval()
     with autocast(cfg):
@@ -1169,10 +1171,13 @@ def collect(cfg, random_policy=False, policy_path=None):
             try:
                 if int(f.stem) != have:
                     break
-                read_chunk(f)
+                n = len(read_chunk(f)[0])
             except LapoError as e:
                 print(f"rewriting bad chunk: {e}")
                 break
+            if n != chunk_len:  # collected with other --{split}-frames: the stages would train on n, not frames
+                raise LapoError(f"{f} holds {n} frames, --{split}-frames {frames} asks for chunks of {chunk_len}: "
+                                f"use another --data folder")
             have += 1
         if have > n_chunks:  # the stages read every chunk: they would train on more than asked
             raise LapoError(f"{folder} holds {have} chunks, more than the {n_chunks} that "
@@ -1388,8 +1393,10 @@ def decode(cfg, bc=False, prior=False):
         return state["results"]
     t0 = time.time()
     train = Dataset(cfg.data, "train")
+    if cfg.labels > len(train):
+        raise LapoError(f"--labels {cfg.labels} is more than the {len(train)} transitions in {cfg.data}/train: lower it")
     rng = seed_everything(cfg.seed)
-    windows, ta = train.get(rng.choice(len(train), size=min(cfg.labels, len(train)), replace=False))
+    windows, ta = train.get(rng.choice(len(train), size=cfg.labels, replace=False))
     if prior:
         agent = ActionPrior(np.bincount(ta, minlength=NUM_ACTIONS) / len(ta))
         return evaluate_and_finish(cfg, path, agent, "prior", t0, 0, labels=cfg.labels)
@@ -1854,6 +1861,8 @@ def main(argv=None):
         if args.command == "expert":
             run_expert(cfg)
         elif args.command == "collect":
+            if args.random and args.policy:
+                raise LapoError("--random plays a uniform-random policy, --policy rolls out a checkpoint: pass one")
             collect(cfg, args.random, args.policy)
         elif args.command == "stage1":
             stage1(cfg)
@@ -1875,7 +1884,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact: run the same command to resume",
+        print("interrupted; the last checkpoint is intact: run the same command to resume (decode and eval start over)",
               file=sys.stderr)
         sys.exit(130)
     finally:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -496,6 +497,8 @@ def test_collect_keeps_episodes_still_running_at_the_end(tmp_path, monkeypatch):
     assert z["done"][game == 0].tolist() == [False] * 99 + [True]  # cut at the last step
     with pytest.raises(lapo.LapoError, match="holds 2 chunks, more than the 1 that --test-frames 4096 asks"):
         lapo.collect(dataclasses.replace(cfg, test_frames=4096), random_policy=True)
+    with pytest.raises(lapo.LapoError, match="0.npz holds 400 frames, --train-frames 200 asks for chunks of 200"):
+        lapo.collect(dataclasses.replace(cfg, train_frames=200), random_policy=True)  # not trained on 400
 
 
 def test_each_use_of_the_game_has_levels_of_its_own(tmp_path, monkeypatch):
@@ -584,6 +587,12 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     assert torch.load(d / "bc-32.pt", weights_only=True)["step"] == 3  # --bc-epochs 3 passes over 32 labels
     assert "[decode-32-seed1] return" in main("decode", "--seed", "1")  # another seed, beside seed 0's
     main("decode", "--labels", "512", "--decode-epochs", "2")
+    with pytest.raises(SystemExit, match="2"):  # more labels than the data holds: not silently fewer
+        main("decode", "--labels", "4096")
+    assert re.search(r"--labels 4096 is more than the \d+ transitions in .*train: lower it", capsys.readouterr().err)
+    with pytest.raises(SystemExit, match="2"):
+        main("collect", "--random", "--policy", str(d / "expert.pt"), "--data", str(d / "other"))
+    assert "pass one" in capsys.readouterr().err
     ckpt = torch.load(d / "decode-512.pt", weights_only=True)  # 2 passes over 512 labels, in batches of 256
     assert ckpt["step"] == 4 and 0 <= ckpt["results"]["test_acc"] <= 1 and 0 <= ckpt["results"]["decoder_test_acc"] <= 1
     train = lapo.Dataset(d / "data", "train")  # the blind baseline plays the action mix of decode's 32 labels
@@ -634,6 +643,8 @@ def test_flag_values_are_checked(tmp_path):
     assert "--s1-steps must be a positive number" in error_line(
         run("stage1", "--s1-steps", "0", "--run-dir", str(tmp_path), cwd=tmp_path))
     assert "two baselines" in error_line(run("decode", "--bc", "--prior", "--run-dir", str(tmp_path), cwd=tmp_path))
+    with pytest.raises(lapo.LapoError, match="--device gpu: this machine's devices are cpu"):
+        lapo.make_config("tiny", device="gpu")
     lapo.make_config("tiny", expert_ent=0.0, ft_ent=0.0, decode_wd=0.0, sl_start=0, s1_warmup=0, s2_warmup=0)
     with pytest.raises(lapo.LapoError, match="--ft-frames 5000 ends before the fine-tuning ramps"):
         lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05
