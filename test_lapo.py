@@ -645,6 +645,9 @@ def test_flag_values_are_checked(tmp_path):
     assert "two baselines" in error_line(run("decode", "--bc", "--prior", "--run-dir", str(tmp_path), cwd=tmp_path))
     with pytest.raises(lapo.LapoError, match="--device gpu: this machine's devices are cpu"):
         lapo.make_config("tiny", device="gpu")
+    with pytest.raises(lapo.LapoError, match="--la-dim 7 must be a multiple of --vq-codebooks x --vq-dim"):
+        lapo.make_config("tiny", la_dim=7)
+    lapo.make_config("tiny", vq=False, la_dim=7)  # no codebooks to split the latent into
     lapo.make_config("tiny", expert_ent=0.0, ft_ent=0.0, decode_wd=0.0, sl_start=0, s1_warmup=0, s2_warmup=0)
     with pytest.raises(lapo.LapoError, match="--ft-frames 5000 ends before the fine-tuning ramps"):
         lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05
