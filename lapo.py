@@ -212,7 +212,8 @@ def check_config(cfg):
     if ramps_end * cfg.ft_schedule_scale >= cfg.ft_frames:
         raise LapoError(f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame {ramps_end} x "
                         f"--ft-schedule-scale {cfg.ft_schedule_scale:g}): raise --ft-frames or lower --ft-schedule-scale")
-    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if cfg.device not in devices:
         raise LapoError(f"--device {cfg.device}: this machine's devices are {', '.join(devices)}")
 
