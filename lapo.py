@@ -1142,7 +1142,6 @@ def run_expert(cfg, name="expert", frames=None):
 def load_policy(cfg, path):
     """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, ppo)."""
     stage = Path(path).stem.split("-")[0]
-    stage = "decode" if stage in ("bc", "prior") else stage
     ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
     if "kind" not in ckpt:
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
@@ -1389,7 +1388,7 @@ def decode(cfg, bc=False, prior=False):
     beside the fit's accuracy: the acting policy's on held-out windows (from o_t), and the
     decoder's alone (on the IDM's latent)."""
     name = "bc" if bc else "prior" if prior else "decode"
-    path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}", "decode")
+    path, state = resume_state(cfg, f"{name}-{cfg.labels}{seed_suffix(cfg)}")
     if state and state.get("finished"):
         return state["results"]
     t0 = time.time()
@@ -1524,8 +1523,8 @@ class LapoError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
-STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="decode",
-                     finetune="finetune", ppo="finetune --scratch")  # checkpoint name -> the command that makes it
+STAGE_COMMAND = dict(expert="expert", stage1="stage1", stage2="stage2", decode="decode", bc="decode --bc",
+                     prior="decode --prior", finetune="finetune", ppo="finetune --scratch")  # checkpoint -> its command
 
 
 def save_checkpoint(path, cfg, **state):
@@ -1563,7 +1562,8 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
     if cfg is not None:
-        fields = dict(expert=("policy_scale",), ppo=("policy_scale",), stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
+        fields = dict(expert=("policy_scale",), ppo=("policy_scale",), bc=("policy_scale",), prior=(),
+                      stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
         diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
                 for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
         if diff:
@@ -1585,14 +1585,15 @@ def check_same_idm(path, ckpt, idm):
                         f"delete it and re-run `python lapo.py stage2`")
 
 
-def resume_state(cfg, name, stage=None):
+def resume_state(cfg, name):
     """<run-dir>/<name>.pt, and the checkpoint of an earlier run there (finished or not) or None;
     says which, with the flags that differ from that run's (a finished run is not redone)."""
     path = Path(cfg.run_dir) / f"{name}.pt"
     if not path.exists():
         return path, None
-    ckpt = load_checkpoint(path, stage or name, cfg, finished=False)
-    fields = ("seed",) + USES[STAGE_COMMAND[(stage or name).split("-")[0]].split()[0]]
+    ckpt = load_checkpoint(path, name, cfg, finished=False)
+    kind = name.split("-")[0]
+    fields = ("seed",) + USES[kind if kind in USES else "decode"]  # bc-N, prior-N: decode's flags
     changed = ", ".join(f"{k}={getattr(cfg, k)} (it ran with {ckpt['config'].get(k)})" for k in fields
                         if k != "ckpt_every_s" and ckpt["config"].get(k) != getattr(cfg, k))
     if rank_world()[0] == 0:  # under torchrun, rank 0 alone speaks
@@ -1774,7 +1775,8 @@ HELP = dict(
     pipeline="expert -> collect -> stage1 -> stage2 -> decode (and --prior) -> finetune, then a results table",
 )
 # The Config fields each subcommand reads (pipeline: all), besides where-and-how and the
-# network sizes its checkpoints must agree on: what its --help lists.
+# network sizes its checkpoints must agree on: what its --help lists, and what a resumed run
+# compares (ppo: the checkpoint of finetune --scratch).
 PPO_FIELDS = ("num_envs", "num_steps", "minibatches", "epochs", "gamma", "gae_lambda", "clip",
               "vf_coef", "max_grad_norm")
 USES = dict(
@@ -1789,6 +1791,7 @@ USES = dict(
                            "sl_start", "sl_dense", "sl_end", "sl_every", "sl_epochs", "sl_batch",
                            "sl_smoothing", "eval_episodes", "ckpt_every_s"),
     eval=("eval_episodes",),
+    ppo=PPO_FIELDS + ("expert_lr", "expert_ent", "ft_frames", "eval_episodes", "ckpt_every_s"),  # finetune --scratch
 )
 WHERE_FIELDS = ("env", "run_dir", "data", "device", "seed", "amp")
 

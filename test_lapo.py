@@ -585,6 +585,12 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     assert torch.load(d / "ppo-seed1.pt", weights_only=True)["finished"]
     assert "[bc-32] return" in main("decode", "--bc")  # the baseline of claim 2
     assert torch.load(d / "bc-32.pt", weights_only=True)["step"] == 3  # --bc-epochs 3 passes over 32 labels
+    out = main("finetune", "--scratch", "--seed", "1", "--sl-every", "7", "--expert-lr", "0.00123")
+    assert "ppo-seed1.pt is finished" in out and "expert_lr=0.00123" in out  # names the flags PPO from
+    assert "sl_every" not in out  # scratch reads, not fine-tuning's
+    other_idm = dataclasses.replace(small_cfg(run_dir=str(d)), idm_scale=0.5)
+    for ckpt in ["bc-32.pt", "prior-32.pt"]:  # they hold no IDM: its sizes are not checked
+        lapo.load_policy(other_idm, d / ckpt)
     assert "[decode-32-seed1] return" in main("decode", "--seed", "1")  # another seed, beside seed 0's
     main("decode", "--labels", "512", "--decode-epochs", "2")
     with pytest.raises(SystemExit, match="2"):  # more labels than the data holds: not silently fewer
