@@ -257,7 +257,7 @@ def make_env(game, num_envs, seed):
                       distribution_mode="easy", rand_seed=seed)
 
 
-def next_frames(game, states=512, seed=0):
+def next_frames(game, states=512):
     """Yields, for batches of 64 states reached by random play (about `states` in all), o_t
     (64, 64, 64, 3) and the next frame of every action stepped from the same saved state
     (64, 15, 64, 64, 3): what the game itself says each action does."""
@@ -265,8 +265,8 @@ def next_frames(game, states=512, seed=0):
 
     E = 64
     env = ProcgenGym3Env(num=E, env_name=game, distribution_mode="easy", num_levels=0,
-                         start_level=0, rand_seed=seed)
-    rng = np.random.default_rng(seed)
+                         start_level=0, rand_seed=0)
+    rng = np.random.default_rng(0)
     for _ in range(max(1, states // E)):
         for _ in range(8):  # wander to new states
             env.act(rng.integers(NUM_ACTIONS, size=E).astype(np.int32))
@@ -280,7 +280,7 @@ def next_frames(game, states=512, seed=0):
     env.close()
 
 
-def action_groups(game, prior=None, states=512, seed=0):
+def action_groups(game, prior=None, states=512):
     """Which of the 15 actions do the same thing, asked of the game itself (next_frames).
     Actions whose next frames are identical in 95% of the states are joined, and
     joined actions form a group (coinrun: LEFT = LEFT-DOWN; most games: the last six do
@@ -289,7 +289,7 @@ def action_groups(game, prior=None, states=512, seed=0):
     and on groups, if actions were drawn from `prior` (15 probabilities, default uniform)
     whatever the state. A probe can beat them where the policy's choice shows in o_t."""
     same = []
-    for _, frames in next_frames(game, states, seed):
+    for _, frames in next_frames(game, states):
         frames = frames.reshape(*frames.shape[:2], -1)  # (64, 15, pixels)
         same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(NUM_ACTIONS)], 1))
     same = np.concatenate(same)  # (states, 15, 15): actions a and b give the same next frame
@@ -940,16 +940,16 @@ class DecoderSL:
 # ----------------------------------------------------------------------------------------
 
 
-def probe_accuracy(x, y, steps, seed=0):
+def probe_accuracy(x, y, steps):
     """How much of the true action can be read from features x: an MLP (128, 128) fitted on
     the first half, accuracy on the second half. Labels are used for this evaluation only.
     Features are centred and divided by one common scale: a per-feature scale would blow up
     a pixel that happens to be constant in the fitting half (x 1e6), and wreck the score."""
     n = len(x) // 2
     x = (x - x[:n].mean(0)) / (x[:n].std() + 1e-8)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reset CUDA's too
+        torch.default_generator.manual_seed(0)  # torch.manual_seed would reset CUDA's too
         net = mlp(x.shape[1], *OFFLINE_DECODER, NUM_ACTIONS)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     with torch.enable_grad():
@@ -996,7 +996,7 @@ def stage1_eval(cfg, idm, fdm, windows, ta, groups):
         la_q, _, perplexity, codes = idm.vq(la)
         # codes in use on the probe windows, in the codebook that uses fewest
         perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(cfg.vq_codebooks))
-    every = max(1, len(windows) // 512)  # 512-1,023 of the probe windows, evenly spaced, for the FDM
+    every = max(1, len(windows) // 512)  # 512-1,023 of the probe windows (all below 512), evenly spaced, for the FDM
     x, la_x = to_input(windows[::every], cfg.device), la_q[::every]
     fdm.eval()
     with autocast(cfg):
@@ -1140,9 +1140,9 @@ def run_expert(cfg, name="expert", frames=None):
 
 
 def load_policy(cfg, path):
-    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, ppo)."""
-    stage = Path(path).stem.split("-")[0]
-    ckpt = load_checkpoint(path, stage if stage in STAGE_COMMAND else "expert", cfg)
+    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, finetune-rl, ppo)."""
+    stage = Path(path).stem  # decode-256-seed1, finetune-rl, ...; another name is read as an expert
+    ckpt = load_checkpoint(path, stage if stage.split("-")[0] in STAGE_COMMAND else "expert", cfg)
     if "kind" not in ckpt:
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
                         f"finetune.pt or ppo.pt")
@@ -1548,7 +1548,7 @@ def write_atomic(path, text):
 def load_checkpoint(path, stage, cfg=None, finished=True):
     """Loads a stage's checkpoint, with one clear line for each way it can be wrong."""
     kind = stage.split("-")[0]  # finetune-rl-seed1 -> finetune
-    path, command = Path(path), STAGE_COMMAND[kind]
+    path, command = Path(path), STAGE_COMMAND[kind] + (" --no-sl" if stage.startswith("finetune-rl") else "")
     if not path.exists():
         raise LapoError(f"{path} not found: run `python lapo.py {command}` "
                         f"with the same --run-dir first")
@@ -1594,6 +1594,7 @@ def resume_state(cfg, name):
     ckpt = load_checkpoint(path, name, cfg, finished=False)
     kind = name.split("-")[0]
     fields = ("seed",) + USES[kind if kind in USES else "decode"]  # bc-N, prior-N: decode's flags
+    fields = [k for k in fields if not (kind == "finetune" and k.startswith("expert_"))]  # those are --scratch's
     changed = ", ".join(f"{k}={getattr(cfg, k)} (it ran with {ckpt['config'].get(k)})" for k in fields
                         if k != "ckpt_every_s" and ckpt["config"].get(k) != getattr(cfg, k))
     if rank_world()[0] == 0:  # under torchrun, rank 0 alone speaks

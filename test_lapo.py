@@ -588,6 +588,8 @@ def test_stages_run_alone_on_a_finished_run(pipeline_run, capsys):
     out = main("finetune", "--scratch", "--seed", "1", "--sl-every", "7", "--expert-lr", "0.00123")
     assert "ppo-seed1.pt is finished" in out and "expert_lr=0.00123" in out  # names the flags PPO from
     assert "sl_every" not in out  # scratch reads, not fine-tuning's
+    out = main("finetune", "--sl-every", "7", "--expert-lr", "0.00123")  # and fine-tuning the other way round
+    assert "finetune.pt is finished" in out and "sl_every=7" in out and "expert_lr" not in out
     other_idm = dataclasses.replace(small_cfg(run_dir=str(d)), idm_scale=0.5)
     for ckpt in ["bc-32.pt", "prior-32.pt"]:  # they hold no IDM: its sizes are not checked
         lapo.load_policy(other_idm, d / ckpt)
@@ -666,6 +668,10 @@ def test_stage_out_of_order_names_the_command_to_run(tmp_path):
     assert "stage1.pt not found" in line and "python lapo.py stage1" in line
     line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
     assert "no dataset chunks" in line and "collect" in line
+    for ckpt, command in [("finetune-rl-seed1.pt", "finetune --no-sl"), ("ppo.pt", "finetune --scratch"),
+                          ("bc-32.pt", "decode --bc")]:
+        with pytest.raises(lapo.LapoError, match=f"{ckpt} not found: run `python lapo.py {command}`"):
+            lapo.load_policy(small_cfg(), tmp_path / ckpt)
 
 
 def test_stage1_trained_again_after_stage2_is_named(pipeline_run, tmp_path):
