@@ -1594,7 +1594,6 @@ def resume_state(cfg, name):
     ckpt = load_checkpoint(path, name, cfg, finished=False)
     kind = name.split("-")[0]
     fields = ("seed",) + USES[kind if kind in USES else "decode"]  # bc-N, prior-N: decode's flags
-    fields = [k for k in fields if not (kind == "finetune" and k.startswith("expert_"))]  # those are --scratch's
     changed = ", ".join(f"{k}={getattr(cfg, k)} (it ran with {ckpt['config'].get(k)})" for k in fields
                         if k != "ckpt_every_s" and ckpt["config"].get(k) != getattr(cfg, k))
     if rank_world()[0] == 0:  # under torchrun, rank 0 alone speaks
@@ -1777,7 +1776,7 @@ HELP = dict(
 )
 # The Config fields each subcommand reads (pipeline: all), besides where-and-how and the
 # network sizes its checkpoints must agree on: what its --help lists, and what a resumed run
-# compares (ppo: the checkpoint of finetune --scratch).
+# compares (ppo: the checkpoint of finetune --scratch, whose flags finetune --help lists too).
 PPO_FIELDS = ("num_envs", "num_steps", "minibatches", "epochs", "gamma", "gae_lambda", "clip",
               "vf_coef", "max_grad_norm")
 USES = dict(
@@ -1788,7 +1787,7 @@ USES = dict(
             "ckpt_every_s"),
     stage2=("s2_steps", "s2_batch", "s2_lr", "s2_warmup", "ckpt_every_s"),
     decode=("labels", "decode_epochs", "bc_epochs", "decode_lr", "decode_wd", "eval_episodes"),
-    finetune=PPO_FIELDS + ("expert_lr", "expert_ent", "ft_frames", "ft_lr", "ft_ent", "ft_schedule_scale",
+    finetune=PPO_FIELDS + ("ft_frames", "ft_lr", "ft_ent", "ft_schedule_scale",
                            "sl_start", "sl_dense", "sl_end", "sl_every", "sl_epochs", "sl_batch",
                            "sl_smoothing", "eval_episodes", "ckpt_every_s"),
     eval=("eval_episodes",),
@@ -1816,6 +1815,7 @@ def build_parser(preset="paper"):
         p.add_argument("--preset", choices=list(PRESETS), default="paper",
                        help="sizes and step counts; other flags override it (default: paper)")
         used = WHERE_FIELDS + NET_FIELDS + USES.get(name, tuple(f.name for f in dataclasses.fields(Config)))
+        used += USES["ppo"] if name == "finetune" else ()
         for f in dataclasses.fields(Config):
             if f.name == "preset":
                 continue
