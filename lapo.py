@@ -1141,11 +1141,15 @@ def run_expert(cfg, name="expert", frames=None):
 
 def load_policy(cfg, path):
     """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, finetune-rl, ppo)."""
-    stage = Path(path).stem  # decode-256-seed1, finetune-rl, ...; another name is read as an expert
-    ckpt = load_checkpoint(path, stage if stage.split("-")[0] in STAGE_COMMAND else "expert", cfg)
+    stage = Path(path).stem  # decode-256-seed1, finetune-rl, ...
+    named = stage.split("-")[0] in STAGE_COMMAND
+    ckpt = load_checkpoint(path, stage if named else "expert", cfg if named else None)
     if "kind" not in ckpt:
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
-                        f"finetune.pt or ppo.pt")
+                        f"finetune.pt, finetune-rl.pt or ppo.pt")
+    if not named:  # a file its user renamed: check the sizes of what it holds
+        kind = dict(policy="expert", decoded="decode", rlsl="finetune", prior="prior")[ckpt["kind"]]
+        check_sizes(path, ckpt, kind, cfg)
     agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
     agent.load_state_dict(ckpt["policy"])
     return agent.eval()
@@ -1562,14 +1566,19 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
     if cfg is not None:
-        fields = dict(expert=("policy_scale",), ppo=("policy_scale",), bc=("policy_scale",), prior=(),
-                      stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
-        diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
-                for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
-        if diff:
-            raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "
-                            f"use the same --preset/flags")
+        check_sizes(path, ckpt, kind, cfg)
     return ckpt
+
+
+def check_sizes(path, ckpt, kind, cfg):
+    """The flags that shape the networks a checkpoint of this kind holds must match its own."""
+    fields = dict(expert=("policy_scale",), ppo=("policy_scale",), bc=("policy_scale",), prior=(),
+                  stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
+    diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
+            for k in fields if ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise LapoError(f"{path} was trained with other network sizes: {', '.join(diff)}; "
+                        f"use the same --preset/flags")
 
 
 def weight_sum(module):

@@ -669,7 +669,7 @@ def test_stage_out_of_order_names_the_command_to_run(tmp_path):
     line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
     assert "no dataset chunks" in line and "collect" in line
     for ckpt, command in [("finetune-rl-seed1.pt", "finetune --no-sl"), ("ppo.pt", "finetune --scratch"),
-                          ("bc-32.pt", "decode --bc")]:
+                          ("bc-32.pt", "decode --bc"), ("prior-32.pt", "decode --prior")]:
         with pytest.raises(lapo.LapoError, match=f"{ckpt} not found: run `python lapo.py {command}`"):
             lapo.load_policy(small_cfg(), tmp_path / ckpt)
 
@@ -715,6 +715,9 @@ def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     assert lapo.load_checkpoint(d / "stage1.pt", "stage1", wider_policy)["finished"]
     with pytest.raises(lapo.LapoError, match=r"policy_scale=0.25 \(flags say 0.5\)"):
         lapo.load_checkpoint(d / "stage2.pt", "stage2", wider_policy)
+    shutil.copy(d / "decode-32.pt", tmp_path / "mine.pt")  # renamed by its user: checked as what it holds
+    with pytest.raises(lapo.LapoError, match=r"mine.pt was trained with other network sizes: la_dim=128 \(flags"):
+        lapo.load_policy(small_cfg(la_dim=64), tmp_path / "mine.pt")
 
 
 def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
