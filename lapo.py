@@ -1141,15 +1141,14 @@ def run_expert(cfg, name="expert", frames=None):
 
 def load_policy(cfg, path):
     """The acting policy of a finished checkpoint (expert, decode-N, bc-N, prior-N, finetune, finetune-rl, ppo)."""
-    stage = Path(path).stem  # decode-256-seed1, finetune-rl, ...
-    named = stage.split("-")[0] in STAGE_COMMAND
-    ckpt = load_checkpoint(path, stage if named else "expert", cfg if named else None)
+    stage = Path(path).stem  # decode-256-seed1, finetune-rl, ...; another name is read as an expert
+    ckpt = load_checkpoint(path, stage if stage.split("-")[0] in STAGE_COMMAND else "expert")
     if "kind" not in ckpt:
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
                         f"finetune.pt, finetune-rl.pt or ppo.pt")
-    if not named:  # a file its user renamed: check the sizes of what it holds
-        kind = dict(policy="expert", decoded="decode", rlsl="finetune", prior="prior")[ckpt["kind"]]
-        check_sizes(path, ckpt, kind, cfg)
+    stage_of_kind = dict(policy="expert", decoded="decode", rlsl="finetune", prior="prior")
+    if ckpt["kind"] in stage_of_kind:  # the sizes of what it holds, whatever the file's name says
+        check_sizes(path, ckpt, stage_of_kind[ckpt["kind"]], cfg)
     agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
     agent.load_state_dict(ckpt["policy"])
     return agent.eval()

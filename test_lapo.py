@@ -715,9 +715,10 @@ def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
     assert lapo.load_checkpoint(d / "stage1.pt", "stage1", wider_policy)["finished"]
     with pytest.raises(lapo.LapoError, match=r"policy_scale=0.25 \(flags say 0.5\)"):
         lapo.load_checkpoint(d / "stage2.pt", "stage2", wider_policy)
-    shutil.copy(d / "decode-32.pt", tmp_path / "mine.pt")  # renamed by its user: checked as what it holds
-    with pytest.raises(lapo.LapoError, match=r"mine.pt was trained with other network sizes: la_dim=128 \(flags"):
-        lapo.load_policy(small_cfg(la_dim=64), tmp_path / "mine.pt")
+    for name in ["mine.pt", "bc-best.pt"]:  # renamed by its user: checked as what it holds
+        shutil.copy(d / "decode-32.pt", tmp_path / name)
+        with pytest.raises(lapo.LapoError, match=rf"{name} was trained with other network sizes: la_dim=128 \("):
+            lapo.load_policy(small_cfg(la_dim=64), tmp_path / name)
 
 
 def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
