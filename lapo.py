@@ -1147,8 +1147,8 @@ def load_policy(cfg, path):
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, prior-N.pt, "
                         f"finetune.pt, finetune-rl.pt or ppo.pt")
     stage_of_kind = dict(policy="expert", decoded="decode", rlsl="finetune", prior="prior")
-    if ckpt["kind"] in stage_of_kind:  # the sizes of what it holds, whatever the file's name says
-        check_sizes(path, ckpt, stage_of_kind[ckpt["kind"]], cfg)
+    if ckpt["kind"] in stage_of_kind:  # the game and sizes of what it holds, whatever its name says
+        check_flags(path, ckpt, stage_of_kind[ckpt["kind"]], cfg)
     agent = make_policy(ckpt["kind"], cfg).to(cfg.device, memory_format=torch.channels_last)
     agent.load_state_dict(ckpt["policy"])
     return agent.eval()
@@ -1565,12 +1565,16 @@ def load_checkpoint(path, stage, cfg=None, finished=True):
         raise LapoError(f"{path} is from an unfinished run: re-run `python lapo.py "
                         f"{command}` with the same flags to resume it")
     if cfg is not None:
-        check_sizes(path, ckpt, kind, cfg)
+        check_flags(path, ckpt, kind, cfg)
     return ckpt
 
 
-def check_sizes(path, ckpt, kind, cfg):
-    """The flags that shape the networks a checkpoint of this kind holds must match its own."""
+def check_flags(path, ckpt, kind, cfg):
+    """The game, and the flags that shape the networks a checkpoint of this kind holds, must
+    match its own (--env sets what evaluation plays: a policy would play another game silently)."""
+    if ckpt["config"].get("env", cfg.env) != cfg.env:
+        raise LapoError(f"{path} was made on {ckpt['config']['env']}, the flags say --env {cfg.env}: "
+                        f"pass --env {ckpt['config']['env']}")
     fields = dict(expert=("policy_scale",), ppo=("policy_scale",), bc=("policy_scale",), prior=(),
                   stage1=IDM_FDM_FIELDS).get(kind, NET_FIELDS)
     diff = [f"{k}={ckpt['config'].get(k)} (flags say {getattr(cfg, k)})"
@@ -1804,11 +1808,11 @@ USES = dict(
 WHERE_FIELDS = ("env", "run_dir", "data", "device", "seed", "amp")
 
 
-def build_parser(preset="paper"):
+def build_parser(preset="paper", env="coinrun"):
     """One subcommand per stage. Every Config field is a flag of every subcommand (one flag set
     serves all stages), but --help lists only the fields the subcommand reads, each with the
-    value the chosen preset gives it."""
-    defaults = make_config(preset) if preset in PRESETS else Config()
+    value the chosen preset (and game, for the run folder) gives it."""
+    defaults = make_config(preset, env=env) if preset in PRESETS and env in GAMES else Config()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="start here, a first sign of claim 1 in minutes on 2 CPU cores (README: Quick start):\n"
@@ -1858,7 +1862,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="paper")
-    parser = build_parser(pre.parse_known_args(argv)[0].preset)
+    pre.add_argument("--env", default="coinrun")
+    known = pre.parse_known_args(argv)[0]
+    parser = build_parser(known.preset, known.env)
     if not argv:  # a first try with no command: say where to start, not only what is missing
         parser.print_help(sys.stderr)
         sys.exit(2)

@@ -632,9 +632,10 @@ def test_help_lists_the_flags_a_subcommand_reads_with_the_presets_values(capsys)
     helps = {}
     for command in ("stage1", "eval"):
         with pytest.raises(SystemExit):
-            lapo.main([command, "--preset", "tiny", "--help"])
+            lapo.main([command, "--preset", "tiny", "--env", "dodgeball", "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
     assert "--s1-lr X stage-1 learning rate" in helps["stage1"] and "(tiny: 0.001)" in helps["stage1"]
+    assert "(tiny: runs/dodgeball-tiny)" in helps["stage1"]
     assert "--s1-lr" not in helps["eval"] and "--eval-episodes N" in helps["eval"] and "(tiny: 32)" in helps["eval"]
     assert lapo.build_parser().parse_args(["eval", "--policy", "random", "--s1-lr", "1"]).s1_lr == 1  # still accepted
     with pytest.raises(SystemExit, match="2"):  # no command at all: the whole help, with where to start
@@ -699,8 +700,13 @@ def test_corrupt_chunk_and_checkpoint_are_named(pipeline_run, tmp_path):
     assert "stage1.pt" in line and "corrupt" in line
 
 
-def test_checkpoint_from_other_network_sizes(pipeline_run, tmp_path):
+def test_checkpoint_from_another_game_or_network_sizes(pipeline_run, tmp_path):
     d, _ = pipeline_run
+    other_game = "was made on coinrun, the flags say --env fruitbot: pass --env coinrun"
+    with pytest.raises(lapo.LapoError, match=f"finetune.pt {other_game}"):  # eval would play it on fruitbot
+        lapo.load_policy(small_cfg(env="fruitbot"), d / "finetune.pt")
+    with pytest.raises(lapo.LapoError, match=f"stage1.pt {other_game}"):
+        lapo.load_checkpoint(d / "stage1.pt", "stage1", small_cfg(env="fruitbot"))
     line = error_line(run("stage2", "--run-dir", str(d), *SMALL, "--idm-scale", "0.5", cwd=d))
     assert "idm_scale=0.25 (flags say 0.5)" in line
     ckpt = torch.load(d / "stage1.pt", weights_only=True)
