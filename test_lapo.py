@@ -1045,7 +1045,7 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
                         "--expert", str(d / "expert.pt")], cwd=d, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "action size:",
-                                         "the expert on o_t"))
+                                         "where the FDM uses the latent", "the expert on o_t"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)

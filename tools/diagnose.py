@@ -17,6 +17,8 @@ all of the test split), prints:
                how much o_{t+1} varies with the action (across one action of each group), against
                how much it differs from o_t; compare with the FDM's error with shuffled latents,
                which stage 1 logs (test_fdm_mse_shuffled): what the latent has to explain
+  where used   the FDM's extra error with the latents shuffled, by region of the frame: the
+               border (where new scene scrolls in, which no action explains) and the centre
   expert       with --expert PATH, the policy that collected the data, on o_t of the same windows:
                how often its most likely action is the one taken, raw and on groups, and its
                entropy. What any policy acting from o_t alone (decode's latent policy, BC) can
@@ -123,6 +125,23 @@ def main():
         h = idm.cnn(lapo.to_input(spread, "cpu"))
     print(f"  IDM features alive on some of {len(spread)} windows: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
           f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
+    fdm = lapo.FDM(cfg)
+    fdm.load_state_dict(ckpt["fdm"])
+    fdm.eval()
+    own, shuffled = torch.zeros(64, 64), torch.zeros(64, 64)
+    shuffle = torch.randperm(len(spread), generator=torch.Generator().manual_seed(0))
+    for i in range(0, len(spread), 256):
+        x, x_shuffled = lapo.to_input(spread[i:i + 256], "cpu"), lapo.to_input(spread[shuffle[i:i + 256]], "cpu")
+        with torch.no_grad():
+            own += (fdm(x[:, :6], idm(x)[1]) - x[:, 6:]).pow(2).sum((0, 1))
+            shuffled += (fdm(x[:, :6], idm(x_shuffled)[1]) - x[:, 6:]).pow(2).sum((0, 1))
+    extra = shuffled - own  # (64, 64): where another window's latent hurts the prediction
+    border, centre = torch.ones(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
+    border[8:-8, 8:-8], centre[24:40, 24:40] = False, True
+    print(f"  where the FDM uses the latent: of its extra error with shuffled latents ({shuffled.sum() / own.sum():.2f}x "
+          f"its own), {extra[border].sum() / extra.sum():.0%} falls in the frame's outer 8 pixels "
+          f"({border.float().mean():.0%} of it), {extra[centre].sum() / extra.sum():.0%} in its central 16 x 16 "
+          f"({centre.float().mean():.0%}; where a game whose camera follows the agent shows it)")
     if args.expert:
         expert = lapo.load_policy(cfg, args.expert)
         with torch.no_grad():
