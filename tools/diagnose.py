@@ -127,21 +127,24 @@ def main():
           f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
     fdm = lapo.FDM(cfg)
     fdm.load_state_dict(ckpt["fdm"])
-    fdm.eval()
+    idm.eval(), fdm.eval()  # in train mode the IDM's quantiser would move its codebook
+    batches = range(0, len(spread), 256)
     own, shuffled = torch.zeros(64, 64), torch.zeros(64, 64)
-    shuffle = torch.randperm(len(spread), generator=torch.Generator().manual_seed(0))
-    for i in range(0, len(spread), 256):
-        x, x_shuffled = lapo.to_input(spread[i:i + 256], "cpu"), lapo.to_input(spread[shuffle[i:i + 256]], "cpu")
-        with torch.no_grad():
-            own += (fdm(x[:, :6], idm(x)[1]) - x[:, 6:]).pow(2).sum((0, 1))
-            shuffled += (fdm(x[:, :6], idm(x_shuffled)[1]) - x[:, 6:]).pow(2).sum((0, 1))
+    with torch.no_grad():
+        la_q = torch.cat([idm(lapo.to_input(spread[i:i + 256], "cpu"))[1] for i in batches])
+        la_shuffled = la_q[torch.randperm(len(la_q), generator=torch.Generator().manual_seed(0))]
+        for i in batches:
+            x = lapo.to_input(spread[i:i + 256], "cpu")
+            own += (fdm(x[:, :6], la_q[i:i + 256]) - x[:, 6:]).pow(2).sum((0, 1))
+            shuffled += (fdm(x[:, :6], la_shuffled[i:i + 256]) - x[:, 6:]).pow(2).sum((0, 1))
     extra = shuffled - own  # (64, 64): where another window's latent hurts the prediction
     border, centre = torch.ones(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
     border[8:-8, 8:-8], centre[24:40, 24:40] = False, True
-    print(f"  where the FDM uses the latent: of its extra error with shuffled latents ({shuffled.sum() / own.sum():.2f}x "
-          f"its own), {extra[border].sum() / extra.sum():.0%} falls in the frame's outer 8 pixels "
-          f"({border.float().mean():.0%} of it), {extra[centre].sum() / extra.sum():.0%} in its central 16 x 16 "
-          f"({centre.float().mean():.0%}; where a game whose camera follows the agent shows it)")
+    used = shuffled.sum() / own.sum()
+    print(f"  where the FDM uses the latent: of its extra error with shuffled latents ({used:.2f}x its own), "
+          f"{extra[border].sum() / extra.sum():.0%} falls in the frame's outer 8 pixels ({border.float().mean():.0%} "
+          f"of it), {extra[centre].sum() / extra.sum():.0%} in its central 16 x 16 ({centre.float().mean():.0%}; "
+          f"where a game whose camera follows the agent shows it)" + (": noise, the FDM barely uses it" if used < 1.1 else ""))
     if args.expert:
         expert = lapo.load_policy(cfg, args.expert)
         with torch.no_grad():
