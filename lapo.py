@@ -365,6 +365,17 @@ def chunk_files(folder):
     return sorted(files, key=lambda p: int(p.stem))
 
 
+def check_game(folder, game):
+    """collect names the game in <data>/game.txt (beside train/ and test/, which keep the
+    authors' format): another game's frames would train a stage, and be scored against this
+    game's action groups, silently. Data from elsewhere need not have the file."""
+    path = Path(folder) / "game.txt"
+    made_on = path.read_text().strip() if path.exists() else None
+    if game and made_on and made_on != game:
+        raise LapoError(f"{folder} holds frames of {made_on}, the flags say --env {game}: "
+                        f"pass --env {made_on}, or another --data")
+
+
 def mmap_npz(path, key):
     """Memory-map one array of an uncompressed .npz (None if it is compressed), so that
     reading a chunk's header does not read its frames."""
@@ -418,9 +429,11 @@ class Dataset:
     """Transitions (o_{t-1}, o_t, o_{t+1}) from a folder of chunks. Windows never cross a
     chunk or an episode boundary. Observations of uncompressed chunks stay on disk: each
     window is one read of 3 frames, so memory does not grow with the dataset (pages of a
-    memory map would count against the process as it touches them; the page cache does not)."""
+    memory map would count against the process as it touches them; the page cache does not).
+    game: the --env, which must be the one the folder's game.txt names, if it has one."""
 
-    def __init__(self, folder, split):
+    def __init__(self, folder, split, game=None):
+        check_game(folder, game)
         files = chunk_files(Path(folder) / split)
         if not files:
             raise LapoError(f"no dataset chunks in {Path(folder) / split}: run "
@@ -1160,6 +1173,9 @@ def collect(cfg, random_policy=False, policy_path=None):
     chunks come from other levels (another seed). Resumes by appending new chunks. Returns
     the frames per split: --train-frames and --test-frames rounded up to whole chunks."""
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
+    check_game(cfg.data, cfg.env)
+    Path(cfg.data).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
     frames_written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
         chunk_len = min(chunk_len, frames)
@@ -1259,7 +1275,7 @@ def stage1(cfg):
     path, state = resume_state(cfg, "stage1")
     if state and state.get("finished"):
         return state["results"]
-    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    train, test = Dataset(cfg.data, "train", cfg.env), Dataset(cfg.data, "test", cfg.env)
     rank, world = rank_world()
     if rank == 0:
         print(f"[stage1] {train.frames} train frames ({len(train)} transitions), {test.frames} test frames")
@@ -1331,7 +1347,7 @@ def stage2(cfg):
     idm_sum = weight_sum(idm)  # saved with every checkpoint: which IDM this policy imitates
     if state:
         check_same_idm(path, state, idm)
-    train, test = Dataset(cfg.data, "train"), Dataset(cfg.data, "test")
+    train, test = Dataset(cfg.data, "train", cfg.env), Dataset(cfg.data, "test", cfg.env)
     rng = seed_everything(cfg.seed)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
@@ -1395,7 +1411,7 @@ def decode(cfg, bc=False, prior=False):
     if state and state.get("finished"):
         return state["results"]
     t0 = time.time()
-    train = Dataset(cfg.data, "train")
+    train = Dataset(cfg.data, "train", cfg.env)
     if cfg.labels > len(train):
         raise LapoError(f"--labels {cfg.labels} is more than the {len(train)} transitions in {cfg.data}/train: lower it")
     rng = seed_everything(cfg.seed)
@@ -1403,7 +1419,7 @@ def decode(cfg, bc=False, prior=False):
     if prior:
         agent = ActionPrior(np.bincount(ta, minlength=NUM_ACTIONS) / len(ta))
         return evaluate_and_finish(cfg, path, agent, "prior", t0, 0, labels=cfg.labels)
-    test = Dataset(cfg.data, "test")
+    test = Dataset(cfg.data, "test", cfg.env)
     test_windows, test_ta = test.get(np.arange(0, len(test), max(1, len(test) // 2048)))  # for evaluation only
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)

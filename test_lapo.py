@@ -700,13 +700,20 @@ def test_corrupt_chunk_and_checkpoint_are_named(pipeline_run, tmp_path):
     assert "stage1.pt" in line and "corrupt" in line
 
 
-def test_checkpoint_from_another_game_or_network_sizes(pipeline_run, tmp_path):
+def test_checkpoint_or_data_from_another_game_or_network_sizes(pipeline_run, tmp_path):
     d, _ = pipeline_run
     other_game = "was made on coinrun, the flags say --env fruitbot: pass --env coinrun"
     with pytest.raises(lapo.LapoError, match=f"finetune.pt {other_game}"):  # eval would play it on fruitbot
         lapo.load_policy(small_cfg(env="fruitbot"), d / "finetune.pt")
     with pytest.raises(lapo.LapoError, match=f"stage1.pt {other_game}"):
         lapo.load_checkpoint(d / "stage1.pt", "stage1", small_cfg(env="fruitbot"))
+    assert (d / "data" / "game.txt").read_text() == "coinrun\n"  # collect names the game beside the chunks
+    with pytest.raises(lapo.LapoError, match="data holds frames of coinrun, the flags say --env fruitbot"):
+        lapo.Dataset(d / "data", "train", "fruitbot")
+    (tmp_path / "data").mkdir()
+    shutil.copy(d / "data" / "game.txt", tmp_path / "data")
+    with pytest.raises(lapo.LapoError, match="data holds frames of coinrun, the flags say --env fruitbot"):
+        lapo.collect(small_cfg(env="fruitbot", data=str(tmp_path / "data")), random_policy=True)  # not mixed in
     line = error_line(run("stage2", "--run-dir", str(d), *SMALL, "--idm-scale", "0.5", cwd=d))
     assert "idm_scale=0.25 (flags say 0.5)" in line
     ckpt = torch.load(d / "stage1.pt", weights_only=True)

@@ -76,7 +76,7 @@ def main():
         data = str(Path(args.run_dir) / "data")
     cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in lapo.NET_FIELDS + ("env", "amp", "seed")},
                            run_dir=args.run_dir, data=data, device="cpu")
-    test = lapo.Dataset(cfg.data, "test")
+    test = lapo.Dataset(cfg.data, "test", cfg.env)
     n = min(args.windows or len(test), len(test))
     idx = np.linspace(0, len(test) - 1, n).astype(int)
     windows, ta = test.get(idx)

@@ -154,7 +154,7 @@ def pictures(run, out, cfg):
     idm = lapo.load_idm(cfg)
     fdm = lapo.FDM(cfg).to(cfg.device).eval()
     fdm.load_state_dict(ckpt["fdm"])
-    test = lapo.Dataset(cfg.data, "test")
+    test = lapo.Dataset(cfg.data, "test", cfg.env)
     obs, ta = test.get(np.linspace(0, len(test) - 1, 2048).astype(int))
     with torch.no_grad():
         x = lapo.to_input(obs[:6], cfg.device)
