@@ -1174,8 +1174,9 @@ def collect(cfg, random_policy=False, policy_path=None):
     the frames per split: --train-frames and --test-frames rounded up to whole chunks."""
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
     check_game(cfg.data, cfg.env)
-    Path(cfg.data).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
+    if not any(chunk_files(Path(cfg.data) / split) for split in ("train", "test")):  # a new dataset: name its game
+        Path(cfg.data).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
     frames_written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
         chunk_len = min(chunk_len, frames)

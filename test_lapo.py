@@ -713,7 +713,12 @@ def test_checkpoint_or_data_from_another_game_or_network_sizes(pipeline_run, tmp
     (tmp_path / "data").mkdir()
     shutil.copy(d / "data" / "game.txt", tmp_path / "data")
     with pytest.raises(lapo.LapoError, match="data holds frames of coinrun, the flags say --env fruitbot"):
-        lapo.collect(small_cfg(env="fruitbot", data=str(tmp_path / "data")), random_policy=True)  # not mixed in
+        lapo.collect(small_cfg(env="fruitbot", data=str(tmp_path / "data"), run_dir=str(tmp_path)), random_policy=True)
+    (tmp_path / "old" / "train").mkdir(parents=True)  # data from before game.txt: not labelled by a collect
+    shutil.copy(d / "data" / "train" / "0.npz", tmp_path / "old" / "train")
+    with pytest.raises(lapo.LapoError, match="0.npz holds"):  # chunks of another size than the tiny preset's
+        lapo.collect(small_cfg(env="fruitbot", data=str(tmp_path / "old"), run_dir=str(tmp_path)), random_policy=True)
+    assert not (tmp_path / "old" / "game.txt").exists()
     line = error_line(run("stage2", "--run-dir", str(d), *SMALL, "--idm-scale", "0.5", cwd=d))
     assert "idm_scale=0.25 (flags say 0.5)" in line
     ckpt = torch.load(d / "stage1.pt", weights_only=True)
