@@ -18,7 +18,7 @@ all of the test split), prints:
                how much it differs from o_t; compare with the FDM's error with shuffled latents,
                which stage 1 logs (test_fdm_mse_shuffled): what the latent has to explain
   where used   the FDM's extra error with the latents shuffled, by region of the frame: the
-               border (where new scene scrolls in, which no action explains) and the centre
+               border (where new scene scrolls in) and the centre
   expert       with --expert PATH, the policy that collected the data, on o_t of the same windows:
                how often its most likely action is the one taken, raw and on groups, and its
                entropy. What any policy acting from o_t alone (decode's latent policy, BC) can
@@ -120,21 +120,21 @@ def main():
     variance, change = action_size(cfg.env)
     print(f"  action size: o_t+1 varies with the action by {variance:.5f} (mean squared, pixels in [0, 1]); "
           f"it differs from o_t by {change:.5f} (random play, 256 states)")
-    spread = windows[:: max(1, n // 1024)]  # about 1,024 windows over the whole test split
+    every = max(1, n // 1024)
+    spread = lapo.to_input(windows[::every], "cpu")  # about 1,024 windows over the whole test split
     with torch.no_grad():
-        h = idm.cnn(lapo.to_input(spread, "cpu"))
+        h = idm.cnn(spread)
     print(f"  IDM features alive on some of {len(spread)} windows: {int((h > 0).any(0).sum())} of {h.shape[1]}; latent spread "
           f"across windows (std, mean over dims) {la.std(0).mean():.2e}, its size (norm) {la.norm(dim=1).mean():.2f}")
     fdm = lapo.FDM(cfg)
     fdm.load_state_dict(ckpt["fdm"])
-    idm.eval(), fdm.eval()  # in train mode the IDM's quantiser would move its codebook
-    batches = range(0, len(spread), 256)
+    fdm.eval()
+    la_q = la[::every] if idm.vq is None else idm.vq(la[::every])[0]  # idm is in eval mode: the codebook stays
+    la_shuffled = la_q[torch.randperm(len(la_q), generator=torch.Generator().manual_seed(0))]
     own, shuffled = torch.zeros(64, 64), torch.zeros(64, 64)
     with torch.no_grad():
-        la_q = torch.cat([idm(lapo.to_input(spread[i:i + 256], "cpu"))[1] for i in batches])
-        la_shuffled = la_q[torch.randperm(len(la_q), generator=torch.Generator().manual_seed(0))]
-        for i in batches:
-            x = lapo.to_input(spread[i:i + 256], "cpu")
+        for i in range(0, len(spread), 256):
+            x = spread[i:i + 256]
             own += (fdm(x[:, :6], la_q[i:i + 256]) - x[:, 6:]).pow(2).sum((0, 1))
             shuffled += (fdm(x[:, :6], la_shuffled[i:i + 256]) - x[:, 6:]).pow(2).sum((0, 1))
     extra = shuffled - own  # (64, 64): where another window's latent hurts the prediction
