@@ -240,10 +240,11 @@ def relative_return(game, ret):
     return (ret - RANDOM_RETURN[game]) / (EXPERT_RETURN[game] - RANDOM_RETURN[game])
 
 
-# Procgen draws every episode's level from the seed given to make_env, so each use of the
-# game has seeds of its own: PPO runs (the expert, fine-tuning, PPO from scratch) seed +
-# frames done, the dataset and evaluation far above. Fine-tuning then never replays the
-# levels of the dataset it imitated, and evaluation never plays a level of training.
+# Procgen draws every episode's level (one of 2^31) from a generator seeded by the seed given
+# to make_env, so each use of the game has seeds of its own: PPO runs (the expert, fine-tuning,
+# PPO from scratch) seed + frames done, the dataset and evaluation far above. Fine-tuning then
+# replays a level of the dataset it imitated, and evaluation a level of training, only by
+# the chance that two draws from 2^31 levels meet.
 LEVEL_SEEDS = dict(train=1_000_000_000, test=1_100_000_000, eval=1_200_000_000)
 
 
@@ -335,7 +336,7 @@ class RewardNormalizer:
 def to_input(obs, device):
     """uint8 (B, [T,] H, W, 3) -> float (B, T*3, H, W) in [-0.5, 0.5], channels-last.
     Observations stay uint8 until they are on the device: 4x less to copy. Frames are stacked
-    on channels; NHWC is already channels-last memory, so the layout needs no extra copy."""
+    on channels; NHWC is already channels-last memory, so a frame's layout needs no copy."""
     x = torch.as_tensor(obs).to(device, non_blocking=True)
     if x.ndim == 5:
         x = x.permute(0, 2, 3, 1, 4).flatten(3)  # (B, H, W, T*C)
@@ -1026,9 +1027,9 @@ def stage1_eval(cfg, idm, fdm, windows, ta, groups):
 
 
 def evaluate(cfg, agent, episodes):
-    """Plays exactly `episodes` episodes on the full level distribution (levels unseen in
-    training: LEVEL_SEEDS), sampling actions from the policy; returns their returns. Each
-    env plays a fixed share of the episodes, so short episodes are not favoured."""
+    """Plays exactly `episodes` episodes on the full level distribution (seeds of their own:
+    LEVEL_SEEDS), sampling actions from the policy; returns their returns. Each env plays a
+    fixed share of the episodes, so short episodes are not favoured."""
     n_envs = min(episodes, 64)
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
     seed = LEVEL_SEEDS["eval"] + cfg.seed
@@ -1168,10 +1169,11 @@ def load_policy(cfg, path):
 
 
 def collect(cfg, random_policy=False, policy_path=None):
-    """Rolls out the expert (or a uniform-random policy) and writes the authors' chunk format:
-    <data>/train/0.npz .. and <data>/test/0.npz .., each chunk consecutive frames. Test
-    chunks come from other levels (another seed). Resumes by appending new chunks. Returns
-    the frames per split: --train-frames and --test-frames rounded up to whole chunks."""
+    """Rolls out the expert (or another acting checkpoint, or a uniform-random policy) and
+    writes the authors' chunk format: <data>/train/0.npz .. and <data>/test/0.npz .., each
+    chunk consecutive frames. Test chunks play levels of another seed. Resumes by appending
+    new chunks. Returns the frames per split: --train-frames and --test-frames rounded up to
+    whole chunks."""
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt")
     check_game(cfg.data, cfg.env)
     if not any(chunk_files(Path(cfg.data) / split) for split in ("train", "test")):  # a new dataset: name its game
@@ -1212,7 +1214,8 @@ def collect(cfg, random_policy=False, policy_path=None):
         if need > free * 0.95:
             raise LapoError(f"collect needs {need / 2**30:.2f} GiB in {folder}, only "
                             f"{free / 2**30:.2f} GiB free: free space or lower --train-frames")
-        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, LEVEL_SEEDS[split] + cfg.seed + have)
+        seed = LEVEL_SEEDS[split] + 10_000 * cfg.seed + have  # a resume plays new levels, another --seed others
+        collect_split(cfg, agent, folder, have, n_chunks, chunk_len, seed)
     return frames_written
 
 

@@ -898,6 +898,11 @@ def test_killed_collect_resumes_without_duplicating_chunks(tmp_path):
     assert r.returncode == 0 and "collect-test" in r.stdout, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "data" / "test").iterdir()) == test
     assert np.array_equal(first, np.load(tmp_path / "data" / "test" / "0.npz")["obs"])  # kept
+    # another --seed plays other levels than this run did when it resumed at chunk 1 (for 3 chunks)
+    r = run(*args[:-1], "12288", "--seed", "1", "--data", str(tmp_path / "seed1"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = np.load(tmp_path / "seed1" / "test" / "0.npz")["obs"]
+    assert not any(np.array_equal(other, np.load(tmp_path / "data" / "test" / n)["obs"]) for n in test)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pipeline_run, tmp_path, monkeypatch):
