@@ -1,6 +1,7 @@
 """Behaviour tests for lapo.py. The whole suite runs in a few minutes on 2 CPU cores:
 python -m pytest -q test_lapo.py"""
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -34,7 +35,7 @@ SMALL = ["--preset", "tiny", "--idm-scale", "0.25", "--policy-scale", "0.25", "-
 
 def run(*args, cwd):
     """python lapo.py ... in a subprocess, as a user would run it."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")  # the CPU, also on a GPU machine
     return subprocess.run([sys.executable, str(HERE / "lapo.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -87,6 +88,21 @@ def test_vq_ema_moves_used_codes_toward_inputs():
     assert (cos > 0.99).all()
 
 
+def test_vq_restarts_a_code_idle_for_reset_after_steps_at_an_input():
+    torch.manual_seed(0)
+    vq = lapo.VectorQuantizerEMA(codebooks=2, codes=8, dim=4, beta=0.05, decay=0.9, reset_after=3).train()
+    before = vq.codebook.clone()
+    target = before[:, 3:4] + 0.01  # (G, 1, D): every input sits by code 3 of each codebook
+    z = target[None].expand(16, 2, 6, 4).reshape(16, -1)  # (B, G, P, D): 6 positions per codebook
+    for _ in range(2):
+        vq(z)
+    idle = [k for k in range(8) if k != 3]
+    assert torch.allclose(vq.codebook[:, idle], before[:, idle], atol=1e-3)  # idle for 2 steps: not yet
+    vq(z)
+    assert torch.allclose(vq.codebook[:, idle], target.expand(-1, 7, -1), atol=1e-4)  # restarted at an input
+    assert (vq.codebook[:, 3] - target[:, 0]).norm() < (before[:, 3] - target[:, 0]).norm()  # the used one: EMA
+
+
 def test_vq_ema_counts_are_laplace_smoothed_as_the_authors():
     """Two steps by hand: decay, add this batch's counts, smooth, and keep the smoothed
     counts (an unpicked code's count becomes ~eps, not 0, as in the authors' quantiser)."""
@@ -134,7 +150,7 @@ def test_fdm_gets_the_latent_action_of_its_own_transition():
     class BrightnessIDM(torch.nn.Module):
         def forward(self, x):
             la = x[:, 6:].mean((1, 2, 3))[:, None].repeat(1, 4)
-            return la, la, torch.zeros(()), torch.ones(())
+            return la, la + 10, torch.zeros(()), torch.ones(())  # la_q apart from la: the bottleneck's
 
     seen = {}
 
@@ -144,9 +160,21 @@ def test_fdm_gets_the_latent_action_of_its_own_transition():
             return torch.zeros(len(x), 3, *x.shape[2:])
 
     x = torch.rand(8, 9, 64, 64) - 0.5
-    lapo.idm_fdm_loss(BrightnessIDM(), RecordingFDM(), x)
+    fdm_loss, _, _ = lapo.idm_fdm_loss(BrightnessIDM(), RecordingFDM(), x)
     assert torch.equal(seen["x"], x[:, :6])  # o_{t+1} is not an input
-    assert torch.allclose(seen["la"][:, 0], x[:, 6:].mean((1, 2, 3)))
+    assert torch.allclose(seen["la"][:, 0], x[:, 6:].mean((1, 2, 3)) + 10)  # the quantised latent
+    assert torch.allclose(fdm_loss, x[:, 6:].pow(2).mean())  # the target is o_{t+1}
+
+
+def test_fdm_error_trains_the_idm_through_the_quantiser():
+    """The IDM learns what the FDM needs from the FDM's error: its gradient must pass the
+    quantiser straight through to the IDM (the commitment loss alone would not teach that)."""
+    cfg = small_cfg(fdm_residual=False)  # the residual FDM's zero last layer passes no gradient at first
+    torch.manual_seed(0)
+    idm, fdm = lapo.IDM(cfg), lapo.FDM(cfg)
+    fdm_loss, _, _ = lapo.idm_fdm_loss(idm, fdm, torch.rand(4, 9, 64, 64) - 0.5)
+    fdm_loss.backward()
+    assert idm.head.weight.grad.abs().max() > 0
 
 
 def test_rlsl_logits_are_the_mean_of_both_heads():
@@ -171,6 +199,16 @@ def test_ppo_heads_compute_in_fp32_under_bf16_autocast():
         with lapo.autocast(cfg):
             logits, value = agent(x)
         assert logits.dtype == value.dtype == torch.float32
+
+
+def test_rlsl_sl_path_keeps_the_latent_policy_while_rl_tunes_its_layer():
+    cfg = small_cfg()
+    latent_policy = lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False)
+    original = copy.deepcopy(latent_policy)
+    agent = lapo.RLSLPolicy(cfg, latent_policy)
+    torch.nn.init.normal_(agent.fc_rl.weight)  # as if PPO had tuned the RL path's linear layer
+    x = torch.rand(2, 3, 64, 64) - 0.5
+    assert torch.allclose(agent(x)[0], agent.decoder(original(x)[0]) / 2, atol=1e-5)  # RL head still 0
 
 
 def test_rlsl_starts_as_the_decoded_latent_policy():
@@ -215,6 +253,22 @@ def test_ppo_update_trains_the_decoder_only_without_sl(sl):
     assert untrained_grads == []  # nothing accumulates where the clip or the optimiser cannot see
 
 
+def test_ppo_update_makes_advantaged_actions_likelier_and_values_nearer_the_returns():
+    cfg = small_cfg(epochs=1, minibatches=1)
+    torch.manual_seed(0)
+    agent = lapo.Policy(cfg.policy_scale, lapo.NUM_ACTIONS)
+    batch = ppo_batch(agent, n=64)
+    with torch.no_grad():
+        batch["values"] = agent(lapo.to_input(batch["obs"], "cpu"))[1]  # the rollout's own
+    lapo.ppo_update(cfg, agent, torch.optim.Adam(agent.parameters(), lr=1e-3), batch, ent_coef=0.0)
+    with torch.no_grad():
+        logits, value = agent(lapo.to_input(batch["obs"], "cpu"))
+    change = torch.distributions.Categorical(logits=logits).log_prob(batch["actions"]) - batch["logprobs"]
+    a = batch["advantages"]
+    assert change[a > 0].mean() > 0 > change[a < 0].mean()
+    assert (value - batch["returns"]).pow(2).mean() < (batch["values"] - batch["returns"]).pow(2).mean()
+
+
 def test_stage1_update_steps_the_idm_at_its_own_learning_rate():
     """Adam's first step moves each weight by at most its group's learning rate."""
     cfg = small_cfg(s1_idm_lr_scale=0.01, s1_warmup=1)  # at step 1 the schedule is at s1_lr
@@ -226,6 +280,30 @@ def test_stage1_update_steps_the_idm_at_its_own_learning_rate():
     moved = [(p.detach() - b).abs().max().item() for p, b in zip((*idm.parameters(), *fdm.parameters()), before)]
     n_idm = len(list(idm.parameters()))
     assert max(moved[:n_idm]) <= 1.001 * 0.01 * cfg.s1_lr < 0.5 * cfg.s1_lr < max(moved[n_idm:])
+
+
+def test_stage2_policy_sees_o_t_alone_and_regresses_the_continuous_latent():
+    class FixedIDM(torch.nn.Module):
+        def forward(self, x):
+            la = x[:, 6:].mean((1, 2, 3))[:, None].repeat(1, 4)  # from o_{t+1}: the policy cannot see it
+            return la, la + 10, torch.zeros(()), torch.ones(())
+
+    seen = {}
+
+    class RecordingPolicy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            seen["x"] = x
+            return self.w.expand(len(x), 4), None
+
+    cfg, x = small_cfg(), torch.rand(8, 9, 64, 64) - 0.5
+    policy = RecordingPolicy()
+    loss = lapo.stage2_update(cfg, FixedIDM(), policy, torch.optim.SGD(policy.parameters()), x, step=0)["loss"]
+    assert torch.equal(seen["x"], x[:, 3:6])
+    assert loss == pytest.approx(x[:, 6:].mean((1, 2, 3)).pow(2).mean().item(), rel=1e-5)
 
 
 def test_stage2_update_leaves_the_idm_alone():
@@ -356,6 +434,8 @@ def test_gae_matches_hand_computation():
     a0 = d0 + g * lam * a1
     assert torch.allclose(adv.flatten(), torch.tensor([a0, a1, a2]))
     assert torch.allclose(ret, adv + values)
+    adv, _ = lapo.gae(rewards, values, dones, next_value, torch.tensor([1.0]), g, lam)  # a new episode after it
+    assert adv[2].item() == pytest.approx(2.0 - 1.5)  # no bootstrap from the next episode's value
 
 
 def test_reward_normalizer_matches_gyms_normalize_reward():
@@ -403,6 +483,18 @@ def test_evaluate_plays_exactly_the_episodes_asked(episodes):
     assert len(returns) == episodes
 
 
+def test_evaluate_returns_each_episodes_own_reward_sum(monkeypatch):
+    class OneRewardPerStep(FakeGames):  # game i's episodes last i % 3 + 1 steps
+        def step(self, action):
+            self.t += 1
+            return self.reset(), np.ones(self.n), self.t % (np.arange(self.n) % 3 + 1) == 0, {}
+
+    monkeypatch.setattr(lapo, "make_env", OneRewardPerStep)
+    returns = lapo.evaluate(small_cfg(), lapo.ActionPrior(), 130)  # 64 games, 2 or 3 episodes each
+    quota = [3, 3] + [2] * 62
+    assert sorted(returns) == sorted(float(i % 3 + 1) for i in range(64) for _ in range(quota[i]))
+
+
 def test_action_prior_draws_from_its_probabilities_whatever_the_screen():
     probs = np.zeros(15)
     probs[[3, 7]] = 0.25, 0.75
@@ -431,8 +523,8 @@ def test_probe_survives_features_constant_where_it_is_fitted():
 def test_majority_bar_is_fitted_and_scored_like_the_probe():
     """Its class comes from the fitting half, its score from the scored half: scoring the
     commonest class of all windows on all windows would flatter the bar."""
-    y = torch.tensor([0, 0, 0, 1] + [1, 1, 1, 0])  # commonest overall: 0 and 1 tie; fitted: 0
-    assert lapo.majority_accuracy(y) == 0.25
+    y = torch.tensor([0, 0, 0, 1] + [1, 1, 1, 1])  # commonest overall: 1; in the fitting half: 0
+    assert lapo.majority_accuracy(y) == 0
 
 
 # --- data -------------------------------------------------------------------------------
@@ -838,7 +930,7 @@ def kill_and_resume(args, ckpt, cwd, seed):
     """Starts a real run, SIGKILLs it at a random moment soon after its first checkpoint (the
     runs are sized to last many seconds longer, so the kill always lands mid-run), then runs
     the same command again to the end."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
     p = subprocess.Popen([sys.executable, str(HERE / "lapo.py"), *args], cwd=cwd, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -999,7 +1091,7 @@ def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path
     d, _ = pipeline_run
     args = [*SMALL, "--data", str(d / "data"), "--no-amp", "--vq-reset-after", "0",
             "--s1-steps", "5", "--s2-steps", "5"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU
     losses = {}
     for n in (1, 2):
         rd = tmp_path / f"procs{n}"
