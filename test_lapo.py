@@ -108,14 +108,18 @@ def test_vq_ema_counts_are_laplace_smoothed_as_the_authors():
     counts (an unpicked code's count becomes ~eps, not 0, as in the authors' quantiser)."""
     torch.manual_seed(0)
     vq = lapo.VectorQuantizerEMA(codebooks=2, codes=8, dim=4, beta=0.05, decay=0.9, count_init=0.0).train()
-    want = vq.ema_count.double()
+    want, want_sum = vq.ema_count.double(), vq.ema_sum.double()
     for _ in range(2):
-        codes = vq(torch.randn(16, 2 * 3 * 4))[3]  # (16, G, 3)
+        z = torch.randn(16, 2 * 3 * 4)
+        codes = vq(z)[3]  # (16, G, 3)
+        x = z.view(16, 2, 3, 4).double()
         picked = torch.stack([torch.bincount(codes[:, g].flatten(), minlength=8) for g in range(2)])
-        want = 0.9 * want + 0.1 * picked.double()
+        total = torch.stack([torch.stack([x[:, g][codes[:, g] == k].sum(0) for k in range(8)]) for g in range(2)])
+        want, want_sum = 0.9 * want + 0.1 * picked.double(), 0.9 * want_sum + 0.1 * total
         n = want.sum(-1, keepdim=True)
         want = (want + vq.eps) / (n + 8 * vq.eps) * n
     assert (want > 0).all() and torch.allclose(vq.ema_count.double(), want, rtol=1e-5, atol=0)
+    assert torch.allclose(vq.codebook.double(), want_sum / want[..., None], rtol=1e-4, atol=1e-6)  # each code: its EMA mean
 
 
 # --- networks ---------------------------------------------------------------------------
