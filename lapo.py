@@ -541,32 +541,37 @@ class VectorQuantizerEMA(nn.Module):
         distance = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
                     + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
         idx = distance.argmin(-1)
-        q = torch.gather(self.codebook, 1, idx.unsqueeze(-1).expand(-1, -1, D))
+        q = torch.gather(self.codebook, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # a copy of the codes
         onehot = F.one_hot(idx, K).float()
-        if self.training:
-            with torch.no_grad():
-                count, total = self.statistics(onehot, x)
-                self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
-                self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
-                if self.reset_after:  # codebook collapse: a code nobody picks never moves again,
-                    # so one idle for reset_after steps restarts at a random vector of this batch
-                    self.idle_steps.add_(1).mul_(count == 0)
-                    dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
-                    sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
-                    self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
-                    self.ema_count.copy_(torch.where(dead[..., 0], 1.0, self.ema_count))
-                    self.idle_steps.mul_(~dead[..., 0])
-                n = self.ema_count.sum(-1, keepdim=True)  # Laplace smoothing: no division by 0,
-                # kept in the counts as the authors do (an idle code's count then settles near
-                # eps / (1 - decay) rather than decaying to 0)
-                self.ema_count.copy_((self.ema_count + self.eps) / (n + K * self.eps) * n)
-                self.codebook.copy_(self.ema_sum / self.ema_count.unsqueeze(-1))
         commitment = self.beta * F.mse_loss(x, q.detach())
         q = x + (q - x).detach()  # straight-through: forward is q, gradient flows to x
         usage = onehot.mean(1)  # (G, K)
         perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum(-1)).mean()
+        if self.training:  # after the lookup: this step's codes are the codebook before the update
+            self.update_codebook(onehot, x)
         z_q = q.view(G, B, -1, D).transpose(0, 1).reshape(B, -1)
         return z_q, commitment, perplexity, idx.view(G, B, -1).transpose(0, 1)
+
+    @torch.no_grad()
+    def update_codebook(self, onehot, x):
+        """Each code moves to the EMA mean of the vectors that picked it."""
+        K = onehot.shape[-1]
+        count, total = self.statistics(onehot, x)
+        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
+        if self.reset_after:  # codebook collapse: a code nobody picks never moves again,
+            # so one idle for reset_after steps restarts at a random vector of this batch
+            self.idle_steps.add_(1).mul_(count == 0)
+            dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
+            sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
+            self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
+            self.ema_count.copy_(torch.where(dead[..., 0], 1.0, self.ema_count))
+            self.idle_steps.mul_(~dead[..., 0])
+        n = self.ema_count.sum(-1, keepdim=True)  # Laplace smoothing: no division by 0,
+        # kept in the counts as the authors do (an idle code's count then settles near
+        # eps / (1 - decay) rather than decaying to 0)
+        self.ema_count.copy_((self.ema_count + self.eps) / (n + K * self.eps) * n)
+        self.codebook.copy_(self.ema_sum / self.ema_count.unsqueeze(-1))
 
 
 class IDM(nn.Module):
