@@ -286,6 +286,25 @@ def test_stage1_update_steps_the_idm_at_its_own_learning_rate():
     assert max(moved[:n_idm]) <= 1.001 * 0.01 * cfg.s1_lr < 0.5 * cfg.s1_lr < max(moved[n_idm:])
 
 
+def test_learning_rates_follow_the_schedules():
+    """Stage 1: from 0.1x, warmed up to s1_lr, down to 0.01x at the last step (the paper's).
+    Fine-tuning: each part 0 until its ramp starts, its peak where the ramp ends, 0 at the
+    end; the ramps stretched by ft_schedule_scale."""
+    cfg = small_cfg(s1_steps=100, s1_warmup=10)
+    idm, fdm = lapo.IDM(cfg), lapo.FDM(cfg)
+    opt = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
+    for step, want in [(0, 0.1), (10, 1), (55, 0.505), (100, 0.01)]:
+        lapo.stage1_update(cfg, idm, fdm, opt, torch.rand(2, 9, 64, 64) - 0.5, step)
+        assert opt.param_groups[1]["lr"] == pytest.approx(want * cfg.s1_lr)
+    cfg = small_cfg(ft_schedule_scale=0.5, ft_frames=400_000, ft_lr=1.0)
+    agent = lapo.RLSLPolicy(cfg, lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False))
+    _, lr_fn = lapo.finetune_optimizer(cfg, agent, sl=True)
+    assert lr_fn(12_500) == [0, 0, 0]  # rl_head, value, fc_rl
+    assert lr_fn(25_000) == pytest.approx([1 / 4, 1 / 4, 0])
+    assert lr_fn(100_000) == pytest.approx([1 / 4 * 300 / 375, 1 / 4 * 300 / 375, 1 / 10])  # decaying, at peak
+    assert lr_fn(400_000) == [0, 0, 0]
+
+
 def test_stage2_policy_sees_o_t_alone_and_regresses_the_continuous_latent():
     class FixedIDM(torch.nn.Module):
         def forward(self, x):
