@@ -543,6 +543,18 @@ def test_probe_survives_features_constant_where_it_is_fitted():
     assert lapo.probe_accuracy(torch.cat([signal, junk], 1), y, steps=100) > clean - 0.05
 
 
+def test_frame_difference_bar_reads_the_change_from_o_t_to_o_t_plus_1():
+    """The bar a latent must beat sees what the IDM sees of the action: o_{t+1} - o_t. Here
+    the action lights one pixel of o_{t+1} (its column), and o_{t-1} -> o_t is noise."""
+    g = np.random.default_rng(0)
+    ta = g.integers(15, size=512)
+    windows = g.integers(0, 100, size=(512, 3, 64, 64, 3), dtype=np.uint8)
+    windows[:, 2] = windows[:, 1]
+    windows[np.arange(512), 2, 0, 4 * ta] = 255
+    bars = lapo.stage1_bars(small_cfg(probe_steps=100), windows, torch.as_tensor(ta))
+    assert bars["probe_frame_diff"] > 0.9 and bars["majority"] < 0.2
+
+
 def test_majority_bar_is_fitted_and_scored_like_the_probe():
     """Its class comes from the fitting half, its score from the scored half: scoring the
     commonest class of all windows on all windows would flatter the bar."""
