@@ -196,6 +196,8 @@ def check_config(cfg):
         if f.type in (int, float) and (not math.isfinite(v) or v < 0 or (v == 0 and not may_be_0)):
             raise LapoError(f"--{f.name.replace('_', '-')} must be a {'non-negative' if may_be_0 else 'positive'} "
                             f"number, got {v}")
+    if cfg.seed >= 10_000:  # collect gives each seed 10,000 chunks' worth of levels (LEVEL_SEEDS)
+        raise LapoError(f"--seed must be below 10,000, got {cfg.seed}")
     if cfg.vq and cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim):  # --no-vq: the latent is la_dim numbers
         raise LapoError(f"--la-dim {cfg.la_dim} must be a multiple of "
                         f"--vq-codebooks x --vq-dim = {cfg.vq_codebooks * cfg.vq_dim}")

@@ -543,7 +543,7 @@ def test_probe_survives_features_constant_where_it_is_fitted():
     assert lapo.probe_accuracy(torch.cat([signal, junk], 1), y, steps=100) > clean - 0.05
 
 
-def test_frame_difference_bar_reads_the_change_from_o_t_to_o_t_plus_1():
+def test_frame_difference_bar_reads_the_change_from_o_t_to_o_t_plus_1(monkeypatch):
     """The bar a latent must beat sees what the IDM sees of the action: o_{t+1} - o_t. Here
     the action lights one pixel of o_{t+1} (its column), and o_{t-1} -> o_t is noise."""
     g = np.random.default_rng(0)
@@ -551,6 +551,7 @@ def test_frame_difference_bar_reads_the_change_from_o_t_to_o_t_plus_1():
     windows = g.integers(0, 100, size=(512, 3, 64, 64, 3), dtype=np.uint8)
     windows[:, 2] = windows[:, 1]
     windows[np.arange(512), 2, 0, 4 * ta] = 255
+    monkeypatch.setattr(lapo, "action_groups", lambda game, prior: dict(groups=list(range(15))))  # no game
     bars = lapo.stage1_bars(small_cfg(probe_steps=100), windows, torch.as_tensor(ta))
     assert bars["probe_frame_diff"] > 0.9 and bars["majority"] < 0.2
 
@@ -789,6 +790,8 @@ def test_flag_values_are_checked(tmp_path):
         lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05
     with pytest.raises(lapo.LapoError, match="--num-steps must be at least 3"):
         lapo.make_config("tiny", num_steps=2)
+    with pytest.raises(lapo.LapoError, match="--seed must be below 10,000"):
+        lapo.make_config("tiny", seed=10_000)  # its levels would be another seed's
 
 
 def test_stage_out_of_order_names_the_command_to_run(tmp_path):
@@ -1188,7 +1191,7 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5",
                         "--expert", str(d / "expert.pt")], cwd=d, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "action size:",
+    assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "motion:", "action size:",
                                          "where the FDM uses the latent", "the expert on o_t"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)

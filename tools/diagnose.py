@@ -13,6 +13,12 @@ all of the test split), prints:
   momentum     the probe on the latent of the window before beside this one's: if the latent
                held the scene's motion (velocity x action), not the action, the pair would
                read the action where one alone cannot
+  motion       the frame's global shift from o_t to o_t+1 (sub-pixel, least squares): how well
+               the latent and the frame difference read it (3 x 3 bins), and how well that
+               shift and the one before read the action's group; and the frame difference of
+               the central 16 x 16 alone on groups (where a game whose camera follows the agent
+               shows it). A latent that reads the shift far better than the action codes the
+               camera's move, and the action only as far as the move shows it
   action size  asked of the game (lapo.next_frames): from 256 states of random play,
                how much o_{t+1} varies with the action (across one action of each group), against
                how much it differs from o_t; compare with the FDM's error with shuffled latents,
@@ -46,6 +52,23 @@ def bits(x):
 def mutual_information(x, y):
     """I(x; y) = H(x) + H(y) - H(x, y), in bits, of two integer arrays."""
     return bits(x) + bits(y) - bits(x * (y.max() + 1) + y)
+
+
+def scene_shift(a, b):
+    """(N, 2) global (dy, dx) in pixels with b(p) ~ a(p - d), for grey frames (N, 64, 64): the
+    least-squares solution of b - a = -grad(a) . d (small shifts, sub-pixel)."""
+    gy, gx = np.gradient((a + b) / 2, axis=(1, 2))
+    e = b - a
+    A = np.stack([np.stack([(gy * gy).sum((1, 2)), (gy * gx).sum((1, 2))], -1),
+                  np.stack([(gx * gy).sum((1, 2)), (gx * gx).sum((1, 2))], -1)], -2)  # (N, 2, 2)
+    r = -np.stack([(gy * e).sum((1, 2)), (gx * e).sum((1, 2))], -1)  # (N, 2)
+    return np.linalg.solve(A + 1e-3 * np.eye(2), r[..., None])[..., 0]
+
+
+def thirds(d):
+    """(N, 2) shifts -> 9 classes: each coordinate in its lower, middle or upper third."""
+    q = [np.searchsorted(np.quantile(v, [1 / 3, 2 / 3]), v) for v in d.T]
+    return torch.as_tensor(q[0] * 3 + q[1])
 
 
 def action_size(game, states=256):
@@ -117,6 +140,16 @@ def main():
           f"{lapo.probe_accuracy(la[has_prev], y, args.probe_steps):.3f} from the latent, "
           f"{lapo.probe_accuracy(torch.cat([la_prev, la[has_prev]], 1), y, args.probe_steps):.3f} "
           f"from it and the one before")
+    grey = windows.astype(np.float32).mean(-1)  # (n, 3, 64, 64)
+    shift, shift_before = scene_shift(grey[:, 1], grey[:, 2]), scene_shift(grey[:, 0], grey[:, 1])
+    moved = thirds(shift)
+    centre = (torch.as_tensor(windows[:, 2, 24:40, 24:40]).float()
+              - torch.as_tensor(windows[:, 1, 24:40, 24:40]).float()).flatten(1) / 255
+    print(f"  motion: the frame's shift o_t -> o_t+1 (3 x 3 bins; majority {lapo.majority_accuracy(moved):.3f}) is read "
+          f"at {lapo.probe_accuracy(la, moved, args.probe_steps):.3f} from the latent, "
+          f"{lapo.probe_accuracy(diff, moved, args.probe_steps):.3f} from the frame difference; it and the shift before "
+          f"read groups at {lapo.probe_accuracy(torch.as_tensor(np.concatenate([shift, shift_before], 1)).float(), group_t, args.probe_steps):.3f}; "
+          f"the frame difference's central 16 x 16 alone at {lapo.probe_accuracy(centre, group_t, args.probe_steps):.3f}")
     variance, change = action_size(cfg.env)
     print(f"  action size: o_t+1 varies with the action by {variance:.5f} (mean squared, pixels in [0, 1]); "
           f"it differs from o_t by {change:.5f} (random play, 256 states)")
