@@ -140,15 +140,18 @@ def main():
           f"{lapo.probe_accuracy(la[has_prev], y, args.probe_steps):.3f} from the latent, "
           f"{lapo.probe_accuracy(torch.cat([la_prev, la[has_prev]], 1), y, args.probe_steps):.3f} "
           f"from it and the one before")
-    grey = windows.astype(np.float32).mean(-1)  # (n, 3, 64, 64)
-    shift, shift_before = scene_shift(grey[:, 1], grey[:, 2]), scene_shift(grey[:, 0], grey[:, 1])
-    moved = thirds(shift)
+    shifts = []  # the shift o_t -> o_t+1 and the one before, (n, 4); in slices: all at once takes GBs
+    for i in range(0, n, 4096):
+        grey = windows[i:i + 4096].astype(np.float32).mean(-1)  # (., 3, 64, 64)
+        shifts.append(np.concatenate([scene_shift(grey[:, 1], grey[:, 2]), scene_shift(grey[:, 0], grey[:, 1])], 1))
+    shifts = np.concatenate(shifts)
+    moved = thirds(shifts[:, :2])
     centre = (torch.as_tensor(windows[:, 2, 24:40, 24:40]).float()
               - torch.as_tensor(windows[:, 1, 24:40, 24:40]).float()).flatten(1) / 255
     print(f"  motion: the frame's shift o_t -> o_t+1 (3 x 3 bins; majority {lapo.majority_accuracy(moved):.3f}) is read "
           f"at {lapo.probe_accuracy(la, moved, args.probe_steps):.3f} from the latent, "
           f"{lapo.probe_accuracy(diff, moved, args.probe_steps):.3f} from the frame difference; it and the shift before "
-          f"read groups at {lapo.probe_accuracy(torch.as_tensor(np.concatenate([shift, shift_before], 1)).float(), group_t, args.probe_steps):.3f}; "
+          f"read groups at {lapo.probe_accuracy(torch.as_tensor(shifts).float(), group_t, args.probe_steps):.3f}; "
           f"the frame difference's central 16 x 16 alone at {lapo.probe_accuracy(centre, group_t, args.probe_steps):.3f}")
     variance, change = action_size(cfg.env)
     print(f"  action size: o_t+1 varies with the action by {variance:.5f} (mean squared, pixels in [0, 1]); "
