@@ -146,13 +146,12 @@ def main():
         shifts.append(np.concatenate([scene_shift(grey[:, 1], grey[:, 2]), scene_shift(grey[:, 0], grey[:, 1])], 1))
     shifts = np.concatenate(shifts)
     moved = thirds(shifts[:, :2])
-    centre = (torch.as_tensor(windows[:, 2, 24:40, 24:40]).float()
-              - torch.as_tensor(windows[:, 1, 24:40, 24:40]).float()).flatten(1) / 255
+    diff_centre = diff.view(n, 64, 64, 3)[:, 24:40, 24:40].flatten(1)
     print(f"  motion: the frame's shift o_t -> o_t+1 (3 x 3 bins; majority {lapo.majority_accuracy(moved):.3f}) is read "
           f"at {lapo.probe_accuracy(la, moved, args.probe_steps):.3f} from the latent, "
           f"{lapo.probe_accuracy(diff, moved, args.probe_steps):.3f} from the frame difference; it and the shift before "
           f"read groups at {lapo.probe_accuracy(torch.as_tensor(shifts).float(), group_t, args.probe_steps):.3f}; "
-          f"the frame difference's central 16 x 16 alone at {lapo.probe_accuracy(centre, group_t, args.probe_steps):.3f}")
+          f"the frame difference's central 16 x 16 alone at {lapo.probe_accuracy(diff_centre, group_t, args.probe_steps):.3f}")
     variance, change = action_size(cfg.env)
     print(f"  action size: o_t+1 varies with the action by {variance:.5f} (mean squared, pixels in [0, 1]); "
           f"it differs from o_t by {change:.5f} (random play, 256 states)")
