@@ -260,10 +260,11 @@ def make_env(game, num_envs, seed):
                       distribution_mode="easy", rand_seed=seed)
 
 
-def next_frames(game, states=512):
-    """Yields, for batches of 64 states reached by random play (about `states` in all), o_t
-    (64, 64, 64, 3) and the next frame of every action stepped from the same saved state
-    (64, 15, 64, 64, 3): what the game itself says each action does."""
+def next_frames(game, states=512, policy=None):
+    """Yields, for batches of 64 states reached by random play (or by `policy`, frames
+    (64, 64, 64, 3) -> 64 actions), about `states` in all, o_t (64, 64, 64, 3) and the next
+    frame of every action stepped from the same saved state (64, 15, 64, 64, 3): what the
+    game itself says each action does."""
     from procgen import ProcgenGym3Env
 
     E = 64
@@ -272,7 +273,8 @@ def next_frames(game, states=512):
     rng = np.random.default_rng(0)
     for _ in range(max(1, states // E)):
         for _ in range(8):  # wander to new states
-            env.act(rng.integers(NUM_ACTIONS, size=E).astype(np.int32))
+            act = rng.integers(NUM_ACTIONS, size=E) if policy is None else policy(env.observe()[1]["rgb"])
+            env.act(np.asarray(act, np.int32))
         now, saved, frames = env.observe()[1]["rgb"].copy(), env.get_state(), []
         for a in range(NUM_ACTIONS):
             env.set_state(saved)

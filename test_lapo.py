@@ -377,6 +377,25 @@ def test_decoder_pairs_the_latent_of_a_window_with_the_action_taken_at_o_t():
     assert not ((e == 1) & ((t == 4) | (t == 5))).any()
 
 
+def test_bc_learns_and_is_scored_from_o_t(tmp_path, monkeypatch):
+    """decode --bc's baseline, like the latent policy it is held against, acts from o_t alone.
+    Here every frame lights one 16 x 16 square, the action taken at it, so a policy that reads
+    o_t can be right every time, one that reads o_{t-1} or o_{t+1} 1 time in 15."""
+    g = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        ta = g.integers(15, size=1024)
+        obs = np.zeros((1024, 4, 16, 4, 16, 3), np.uint8)
+        obs[np.arange(1024), ta // 4, :, ta % 4] = 255
+        lapo.write_chunk(tmp_path / "data" / split / "0.npz", dict(
+            obs=obs.reshape(1024, 64, 64, 3), ta=ta, done=np.zeros(1024, bool), rewards=np.zeros(1024),
+            ep_returns=np.zeros(1024), values=np.zeros(1024)))
+    cfg = small_cfg(run_dir=str(tmp_path), labels=256, bc_epochs=30)
+    monkeypatch.setattr(lapo, "evaluate", lambda cfg, agent, episodes: [0.0])  # the game plays no part here
+    results = lapo.decode(cfg, bc=True)
+    assert results["train_acc"] > 0.95 and results["test_acc"] > 0.95
+
+
 def test_decoder_sl_refits_in_its_window():
     """8 frames an update; SL re-fits after each update past sl_start (8) up to sl_dense (24),
     then after every sl_every-th (2) update, and from sl_end (56) drops its pairs."""
@@ -1192,10 +1211,22 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
                         "--expert", str(d / "expert.pt")], cwd=d, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "motion:", "action size:",
-                                         "where the FDM uses the latent", "the expert on o_t"))
+                                         "where the FDM uses the latent", "the expert on o_t",
+                                         "next-frame ceiling on the expert's own states"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)
     x = np.arange(1000) % 4
     assert diagnose.mutual_information(x, x) == pytest.approx(2.0)  # 4 equally likely values
     assert diagnose.mutual_information(x, np.arange(1000) // 250) == pytest.approx(0.0, abs=1e-3)
+    # the ceiling on a policy's own states: a uniform policy's is random play's; one that
+    # nearly always plays RIGHT is told at once by a reader that knows it
+    groups = lapo.action_groups("coinrun")
+    uniform = diagnose.expert_ceiling("coinrun", lapo.ActionPrior(), np.array(groups["groups"]), states=512)
+    assert uniform[0] == pytest.approx(uniform[2]) and uniform[1] == pytest.approx(uniform[3])
+    assert uniform[0] == pytest.approx(groups["ceiling"], abs=0.03)
+    assert uniform[1] == pytest.approx(groups["ceiling_merged"], abs=0.03)
+    right = np.full(lapo.NUM_ACTIONS, 0.001 / 14)
+    right[7] = 0.999
+    sharp = diagnose.expert_ceiling("coinrun", lapo.ActionPrior(right), np.array(groups["groups"]), states=512)
+    assert sharp[2] > 0.99 and sharp[3] > 0.99

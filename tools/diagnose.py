@@ -28,7 +28,9 @@ all of the test split), prints:
   expert       with --expert PATH, the policy that collected the data, on o_t of the same windows:
                how often its most likely action is the one taken, raw and on groups, and its
                entropy. What any policy acting from o_t alone (decode's latent policy, BC) can
-               expect to read: an expert sampled at high entropy leaves little to imitate
+               expect to read: an expert sampled at high entropy leaves little to imitate; and the
+               next-frame ceiling on the expert's own states, where stage 1 measures it on random
+               play's (are the data's actions harder to tell from o_t+1?)
 Memory: all windows of the cpu preset's test split and their frame differences, ~6 GB.
 """
 
@@ -82,6 +84,30 @@ def action_size(game, states=256):
         variance.append(((frames - frames.mean(1, keepdims=True)) ** 2).mean())
         change.append(((frames - now) ** 2).mean())
     return float(np.mean(variance)), float(np.mean(change))
+
+
+def expert_ceiling(game, expert, groups, states=2048):
+    """The next-frame ceiling of lapo.action_groups (raw, groups) on the expert's own states,
+    where stage 1 measures it on random play's: with the expert's action mix over these states
+    (a reader of o_t+1 alone), and with its probabilities at each state (a reader that also
+    knows what the expert would do at o_t)."""
+    def probs(obs):
+        with torch.no_grad():
+            return torch.softmax(expert(lapo.to_input(obs, "cpu"))[0].float(), -1)
+
+    same, p = [], []
+    for now, frames in lapo.next_frames(game, states, policy=lambda obs: probs(obs).multinomial(1)[:, 0].numpy()):
+        frames = frames.reshape(*frames.shape[:2], -1)  # (64, 15, pixels)
+        same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(lapo.NUM_ACTIONS)], 1))
+        p.append(probs(now).double().numpy())
+    same, p = np.concatenate(same), np.concatenate(p)  # (states, a, b): a and b give the same frame
+    ceilings = []
+    for prior in (np.broadcast_to(p.mean(0), p.shape), p):
+        look_alikes = same * prior[:, None, :]  # as in lapo.action_groups, with a prior per state
+        mass = look_alikes.sum(-1) + 1e-12
+        best_group = (look_alikes @ np.eye(groups.max() + 1)[groups]).max(-1)
+        ceilings += [(prior * look_alikes.max(-1) / mass).sum(-1).mean(), (prior * best_group / mass).sum(-1).mean()]
+    return ceilings
 
 
 def main():
@@ -192,6 +218,11 @@ def main():
               f"{(p_group.argmax(-1) == group_t).float().mean():.3f}; majority {lapo.majority_accuracy(ta_t):.3f}, "
               f"{lapo.majority_accuracy(group_t):.3f}); entropy {pi.entropy().mean():.2f} "
               f"nats (uniform {np.log(lapo.NUM_ACTIONS):.2f})")
+        torch.manual_seed(0)
+        ceilings = expert_ceiling(cfg.env, expert, groups)
+        print("  next-frame ceiling on the expert's own states (2,048): raw {:.3f}, groups {:.3f} with its action "
+              "mix; {:.3f}, {:.3f} with its probabilities at each state (stage 1's, on random play's states: "
+              "{:.3f}, {:.3f})".format(*ceilings, ckpt["bars"]["ceiling"], ckpt["bars"]["ceiling_merged"]))
 
 
 if __name__ == "__main__":
