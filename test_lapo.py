@@ -1208,11 +1208,12 @@ def test_plot_compares_fine_tuning_with_ppo_from_scratch(pipeline_run, tmp_path)
 def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     d, _ = pipeline_run
     r = subprocess.run([sys.executable, str(HERE / "tools" / "diagnose.py"), "--run-dir", str(d), "--probe-steps", "5",
-                        "--expert", str(d / "expert.pt")], cwd=d, capture_output=True, text=True, timeout=600)
+                        "--expert", str(d / "expert.pt"), "--supervised-steps", "2"], cwd=d, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "motion:", "action size:",
                                          "where the FDM uses the latent", "the expert on o_t",
-                                         "next-frame ceiling on the expert's own states"))
+                                         "next-frame ceiling on the expert's own states", "supervised:"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)
@@ -1230,3 +1231,18 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     right[7] = 0.999
     sharp = diagnose.expert_ceiling("coinrun", lapo.ActionPrior(right), np.array(groups["groups"]), states=512)
     assert sharp[2] > 0.99 and sharp[3] > 0.99
+    # told the action, the IDM's network reads it where o_{t+1} lights one square per action
+    ta = np.random.default_rng(0).integers(15, size=2048)
+    obs = np.zeros((2048, 4, 16, 4, 16, 3), np.uint8)
+    obs[np.arange(2048), ta // 4, :, ta % 4] = 255
+    obs = obs.reshape(2048, 64, 64, 3)
+
+    class Shifted:  # windows (o_{t-1}, o_t, o_{t+1}) whose o_{t+1} shows the action taken at o_t
+        def sample(self, rng, batch):
+            i = rng.integers(1, 2047, size=batch)
+            return np.stack([obs[i - 1], obs[i - 1], obs[i]], 1), ta[i]
+
+    windows, y = Shifted().sample(np.random.default_rng(1), 512)
+    cfg = small_cfg(s1_batch=64, s1_lr=1e-3)
+    raw, grouped = diagnose.supervised_idm(cfg, Shifted(), windows, y, np.arange(15) // 3, steps=60)
+    assert raw > 0.9 and grouped > 0.9

@@ -31,6 +31,9 @@ all of the test split), prints:
                expect to read: an expert sampled at high entropy leaves little to imitate; and the
                next-frame ceiling on the expert's own states, where stage 1 measures it on random
                play's (are the data's actions harder to tell from o_t+1?)
+  supervised   with --supervised-steps N, the IDM's network trained N steps on the action labels
+               (stage 1's batch and schedule): what it can read of the action at all, beside
+               what its latent, learnt without labels, reads
 Memory: all windows of the cpu preset's test split and their frame differences, ~6 GB.
 """
 
@@ -110,6 +113,39 @@ def expert_ceiling(game, expert, groups, states=2048):
     return ceilings
 
 
+def supervised_idm(cfg, train, windows, ta, groups, steps):
+    """The IDM's network told the action: an ImpalaCNN of --idm-scale on (o_t-1, o_t, o_t+1),
+    with a head for the action and one for its group, trained on the labels of the training
+    split with stage 1's batch, learning rate and schedule. Its held-out accuracy (raw,
+    groups) is what this network can read of the action in these steps; a latent that reads
+    far less has spent its bits on something else."""
+    rng = lapo.seed_everything(cfg.seed)
+    groups = torch.as_tensor(groups)
+    cnn, head, group_head = lapo.ImpalaCNN(9, cfg.idm_scale), torch.nn.Linear(256, lapo.NUM_ACTIONS), \
+        torch.nn.Linear(256, int(groups.max()) + 1)
+    net = torch.nn.ModuleList([cnn, head, group_head]).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters())
+    warmup = min(cfg.s1_warmup, steps // 2)
+    for step in range(steps):
+        lapo.set_lr(opt, lapo.lr_at(step, [0, warmup, steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr]))
+        w, y = train.sample(rng, cfg.s1_batch)
+        y = torch.as_tensor(y)
+        with lapo.autocast(cfg):
+            h = cnn(lapo.to_input(w, "cpu"))
+        h = h.float()
+        loss = torch.nn.functional.cross_entropy(head(h), y) + torch.nn.functional.cross_entropy(group_head(h), groups[y])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.s1_clip)
+        opt.step()
+    net.eval()
+    with torch.no_grad(), lapo.autocast(cfg):
+        h = torch.cat([cnn(lapo.to_input(windows[i:i + 256], "cpu")).float() for i in range(0, len(windows), 256)])
+    ta = torch.as_tensor(ta)
+    return ((head(h).argmax(-1) == ta).float().mean().item(),
+            (group_head(h).argmax(-1) == groups[ta]).float().mean().item())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True)
@@ -117,6 +153,8 @@ def main():
     parser.add_argument("--probe-steps", type=int, default=1000)
     parser.add_argument("--data", default="", help="its dataset (default: the one it was trained on)")
     parser.add_argument("--expert", default="", help="the policy that collected the data (expert.pt)")
+    parser.add_argument("--supervised-steps", type=int, default=0,
+                        help="train the IDM's network on the action labels for N steps (0: skip; minutes)")
     args = parser.parse_args()
     ckpt = lapo.load_checkpoint(Path(args.run_dir) / "stage1.pt", "stage1", finished=False)
     saved = ckpt["config"]
@@ -223,6 +261,12 @@ def main():
         print("  next-frame ceiling on the expert's own states (2,048): raw {:.3f}, groups {:.3f} with its action "
               "mix; {:.3f}, {:.3f} with its probabilities at each state (stage 1's, on random play's states: "
               "{:.3f}, {:.3f})".format(*ceilings, ckpt["bars"]["ceiling"], ckpt["bars"]["ceiling_merged"]))
+
+    if args.supervised_steps:
+        train = lapo.Dataset(cfg.data, "train", cfg.env)
+        raw, grouped = supervised_idm(cfg, train, windows[n // 2:], ta[n // 2:], groups, args.supervised_steps)
+        print(f"  supervised: the IDM's network, trained {args.supervised_steps} steps on the action labels, reads "
+              f"the action on the probes' scored half at raw {raw:.3f}, groups {grouped:.3f}")
 
 
 if __name__ == "__main__":
