@@ -302,15 +302,23 @@ def action_groups(game, prior=None, states=512):
     for a, b in zip(*np.nonzero(same.mean(0) >= 0.95)):
         group[group == group[a]] = group[b]
     group = np.unique(group, return_inverse=True)[1]
-    # Bayes: seeing a's next frame, guess the likeliest action (group) among its look-alikes
     p = np.full(NUM_ACTIONS, 1 / NUM_ACTIONS) if prior is None else np.asarray(prior, dtype=float)
-    look_alikes = same * p  # (states, a, b): p(b) if b gives a's frame
+    ceiling, ceiling_merged = next_frame_ceiling(same, p, group)
+    return dict(groups=group.tolist(), ceiling=ceiling, ceiling_merged=ceiling_merged)
+
+
+def next_frame_ceiling(same, prior, group):
+    """Bayes: seeing a's next frame, guess the likeliest action (group) among its look-alikes.
+    same (states, 15, 15): actions a and b give the same next frame; prior: the actions'
+    probabilities, (15,) or one row per state (states, 15). Returns the expected accuracy of
+    that guess on raw actions and on groups."""
+    prior = np.broadcast_to(prior, same.shape[:2])
+    look_alikes = same * prior[:, None, :]  # (states, a, b): p(b) if b gives a's frame
     mass = look_alikes.sum(-1) + 1e-12
     best_group = (look_alikes @ np.eye(group.max() + 1)[group]).max(-1)
-    hit = p * look_alikes.max(-1) / mass  # p(a) x p(the guess from a's next frame is right)
-    hit_merged = p * best_group / mass
-    return dict(groups=group.tolist(), ceiling=float(hit.sum(-1).mean()),
-                ceiling_merged=float(hit_merged.sum(-1).mean()))
+    hit = prior * look_alikes.max(-1) / mass  # p(a) x p(the guess from a's next frame is right)
+    hit_merged = prior * best_group / mass
+    return float(hit.sum(-1).mean()), float(hit_merged.sum(-1).mean())
 
 
 class RewardNormalizer:

@@ -90,35 +90,34 @@ def action_size(game, states=256):
 
 
 def expert_ceiling(game, expert, groups, states=2048):
-    """The next-frame ceiling of lapo.action_groups (raw, groups) on the expert's own states,
-    where stage 1 measures it on random play's: with the expert's action mix over these states
-    (a reader of o_t+1 alone), and with its probabilities at each state (a reader that also
-    knows what the expert would do at o_t)."""
+    """The next-frame ceiling of lapo.action_groups (raw, groups) on the expert's own states
+    (it plays at temperature 1, as collect does by default), where stage 1 measures it on
+    random play's: with the expert's action mix over these states (a reader of o_t+1 alone),
+    and with its probabilities at each state. The second bounds a reader that also knows what
+    the expert would do at o_t, because the expert acts from o_t alone, a step from a saved
+    state is deterministic, and only pixel-identical frames count as look-alikes."""
+    g = torch.Generator().manual_seed(0)
+
     def probs(obs):
         with torch.no_grad():
             return torch.softmax(expert(lapo.to_input(obs, "cpu"))[0].float(), -1)
 
     same, p = [], []
-    for now, frames in lapo.next_frames(game, states, policy=lambda obs: probs(obs).multinomial(1)[:, 0].numpy()):
+    for now, frames in lapo.next_frames(game, states, policy=lambda obs: probs(obs).multinomial(1, generator=g)[:, 0].numpy()):
         frames = frames.reshape(*frames.shape[:2], -1)  # (64, 15, pixels)
         same.append(np.stack([(frames == frames[:, [a]]).all(-1) for a in range(lapo.NUM_ACTIONS)], 1))
         p.append(probs(now).double().numpy())
     same, p = np.concatenate(same), np.concatenate(p)  # (states, a, b): a and b give the same frame
-    ceilings = []
-    for prior in (np.broadcast_to(p.mean(0), p.shape), p):
-        look_alikes = same * prior[:, None, :]  # as in lapo.action_groups, with a prior per state
-        mass = look_alikes.sum(-1) + 1e-12
-        best_group = (look_alikes @ np.eye(groups.max() + 1)[groups]).max(-1)
-        ceilings += [(prior * look_alikes.max(-1) / mass).sum(-1).mean(), (prior * best_group / mass).sum(-1).mean()]
-    return ceilings
+    return lapo.next_frame_ceiling(same, p.mean(0), groups) + lapo.next_frame_ceiling(same, p, groups)
 
 
 def supervised_idm(cfg, train, windows, ta, groups, steps):
     """The IDM's network told the action: an ImpalaCNN of --idm-scale on (o_t-1, o_t, o_t+1),
     with a head for the action and one for its group, trained on the labels of the training
     split with stage 1's batch, learning rate and schedule. Its held-out accuracy (raw,
-    groups) is what this network can read of the action in these steps; a latent that reads
-    far less has spent its bits on something else."""
+    groups) is what this network can read of the action in these steps, from every label of
+    the training split (the probes fit on half the held-out windows): a latent that reads far
+    less has likely spent its bits on something else."""
     rng = lapo.seed_everything(cfg.seed)
     groups = torch.as_tensor(groups)
     cnn, head, group_head = lapo.ImpalaCNN(9, cfg.idm_scale), torch.nn.Linear(256, lapo.NUM_ACTIONS), \
@@ -131,19 +130,18 @@ def supervised_idm(cfg, train, windows, ta, groups, steps):
         w, y = train.sample(rng, cfg.s1_batch)
         y = torch.as_tensor(y)
         with lapo.autocast(cfg):
-            h = cnn(lapo.to_input(w, "cpu"))
-        h = h.float()
+            h = cnn(lapo.to_input(w, "cpu")).float()
         loss = torch.nn.functional.cross_entropy(head(h), y) + torch.nn.functional.cross_entropy(group_head(h), groups[y])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.s1_clip)
         opt.step()
-    net.eval()
-    with torch.no_grad(), lapo.autocast(cfg):
-        h = torch.cat([cnn(lapo.to_input(windows[i:i + 256], "cpu")).float() for i in range(0, len(windows), 256)])
-    ta = torch.as_tensor(ta)
-    return ((head(h).argmax(-1) == ta).float().mean().item(),
-            (group_head(h).argmax(-1) == groups[ta]).float().mean().item())
+    with torch.no_grad():
+        with lapo.autocast(cfg):
+            h = torch.cat([cnn(lapo.to_input(windows[i:i + 256], "cpu")).float() for i in range(0, len(windows), 256)])
+        ta = torch.as_tensor(ta)
+        return ((head(h).argmax(-1) == ta).float().mean().item(),
+                (group_head(h).argmax(-1) == groups[ta]).float().mean().item())
 
 
 def main():
@@ -161,7 +159,8 @@ def main():
     data = args.data or saved["data"]
     if not Path(data).exists():  # the saved path is relative to where stage 1 ran
         data = str(Path(args.run_dir) / "data")
-    cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in lapo.NET_FIELDS + ("env", "amp", "seed")},
+    fields = lapo.NET_FIELDS + ("env", "amp", "seed", "s1_batch", "s1_lr", "s1_warmup", "s1_clip")  # the run's own
+    cfg = lapo.make_config(saved["preset"], **{k: saved[k] for k in fields},
                            run_dir=args.run_dir, data=data, device="cpu")
     test = lapo.Dataset(cfg.data, "test", cfg.env)
     n = min(args.windows or len(test), len(test))
@@ -256,9 +255,8 @@ def main():
               f"{(p_group.argmax(-1) == group_t).float().mean():.3f}; majority {lapo.majority_accuracy(ta_t):.3f}, "
               f"{lapo.majority_accuracy(group_t):.3f}); entropy {pi.entropy().mean():.2f} "
               f"nats (uniform {np.log(lapo.NUM_ACTIONS):.2f})")
-        torch.manual_seed(0)
         ceilings = expert_ceiling(cfg.env, expert, groups)
-        print("  next-frame ceiling on the expert's own states (2,048): raw {:.3f}, groups {:.3f} with its action "
+        print("  next-frame ceiling on 2,048 of the expert's own states: raw {:.3f}, groups {:.3f} with its action "
               "mix; {:.3f}, {:.3f} with its probabilities at each state (stage 1's, on random play's states: "
               "{:.3f}, {:.3f})".format(*ceilings, ckpt["bars"]["ceiling"], ckpt["bars"]["ceiling_merged"]))
 
