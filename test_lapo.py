@@ -1213,7 +1213,7 @@ def test_diagnose_reports_on_a_stage1_run(pipeline_run):
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(s in r.stdout for s in ("probe on frame difference", "t+0:", "features alive", "momentum:", "motion:", "action size:",
                                          "where the FDM uses the latent", "the expert on o_t",
-                                         "next-frame ceiling on the expert's own states", "supervised:"))
+                                         "of the expert's own states: raw", "supervised:"))
     spec = importlib.util.spec_from_file_location("diagnose", HERE / "tools" / "diagnose.py")
     diagnose = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnose)
