@@ -24,6 +24,8 @@ import lapo  # noqa: E402
 
 def median_s(fn, device, repeats=5):
     fn()  # warm-up
+    if device.startswith("cuda"):  # the steps return tensors, not floats: wait for the warm-up's work
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -53,10 +55,9 @@ def main():
             cfg = lapo.make_config(preset, env=args.env, device=args.device, amp=args.amp, run_dir=tmp,
                                    ckpt_every_s=1e9, num_envs=64, num_steps=64, epochs=3, minibatches=8)
             lapo.seed_everything(0)
-            idm = lapo.IDM(cfg).to(cfg.device, memory_format=torch.channels_last)
-            fdm = lapo.FDM(cfg).to(cfg.device, memory_format=torch.channels_last)
+            idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in lapo.make_idm_fdm(cfg))
             policy = lapo.Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
-            opt1 = torch.optim.Adam([dict(params=idm.parameters()), dict(params=fdm.parameters())])
+            opt1 = torch.optim.Adam([*idm.parameters(), *fdm.parameters()])  # stage 1's: one group
             opt2 = torch.optim.Adam(policy.parameters())
             x = lapo.to_input(rng.integers(0, 256, (cfg.s1_batch, 3, 64, 64, 3), dtype=np.uint8), cfg.device)
             s1 = median_s(lambda: lapo.stage1_update(cfg, idm, fdm, opt1, x, step=100), cfg.device)
@@ -66,7 +67,7 @@ def main():
             frames = 2 * cfg.num_envs * cfg.num_steps
             t = time.perf_counter()
             lapo.ppo(cfg, "bench", agent, torch.optim.Adam(agent.parameters()), lambda f: [cfg.expert_lr],
-                     frames, cfg.expert_ent, Path(tmp) / f"ppo-{preset}.pt", None)
+                     frames, cfg.expert_ent, Path(tmp) / f"ppo-{preset}.pt")
             fps = frames / (time.perf_counter() - t)
             rows.append((preset, s1, s2, fps, cfg))
             print(f"[bench] {preset}: stage1 {s1:.3f} s/step, stage2 {s2:.3f} s/step, PPO {fps:.0f} frames/s", flush=True)

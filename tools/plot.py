@@ -1,9 +1,13 @@
 """Figures of a lapo run: python tools/plot.py --run-dir runs/coinrun-cpu
 
 Writes PNGs to <run-dir>/plots and prints the numbers behind them:
-  claim1_probe.png     probe accuracy of the latent action over stage 1, against its bars,
-                       and whether the FDM uses the latent (its error with shuffled latents)
-  claim2_offline.png   offline decoding vs behaviour cloning and the blind action mix, by labels
+  claim1_probe.png     probe accuracy of the latent action over stage 1 (stage1.jsonl), and
+                       whether the FDM uses the latent (its error with shuffled latents); the
+                       bars it must beat and the panel on action groups come from
+                       <run-dir>/diagnose.json (python tools/diagnose.py --run-dir R
+                       --baselines-only): without it, only the majority class
+  claim2_offline.png   offline decoding vs behaviour cloning and the blind action mix (prior-N.pt:
+                       tools/diagnose.py --prior-labels N), by labels
   claim3_online.png    online fine-tuning (RL+SL, RL only) vs PPO from scratch
   fdm_predictions.png  the FDM's o_{t+1} next to the true one, on held-out windows
   latent_pca.png       latent actions of held-out windows (PCA), coloured by the true action
@@ -11,7 +15,6 @@ Curves and bars over seeds run from the worst seed to the best (min-max, not std
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,17 +55,24 @@ def claim1(run, out, game):
     if not rows:
         return
     steps, last = [r["step"] for r in rows], rows[-1]
-    fig, (ax, ax1, ax2) = plt.subplots(1, 3, figsize=(16, 4))
+    bars = json.loads((run / "diagnose.json").read_text()) if (run / "diagnose.json").exists() else None
+    fig, axes = plt.subplots(1, 3 if bars else 2, figsize=(16 if bars else 11, 4))
+    ax, ax2 = axes[0], axes[-1]
     ax.plot(steps, [r["probe_la"] for r in rows], "o-", label="latent action")
     ax.plot(steps, [r["probe_la_q"] for r in rows], "s-", label="quantised latent action")
-    ax.axhline(last["probe_untrained"], color="gray", ls="-.", label="untrained IDM")
-    ax1.plot(steps, [r["probe_la_merged"] for r in rows], "o-", label="latent action")
-    panels = [(ax, "", "the true action (15 classes)"), (ax1, "_merged", f"its group ({max(last['groups']) + 1} groups)")]
+    ax.axhline(last["majority"], color="gray", ls=":", label="majority class")
+    panels = [(ax, "", "the true action (15 classes)")]
+    if bars:  # tools/diagnose.py's, on the same windows
+        ax.axhline(bars["probe_untrained"], color="gray", ls="-.", label="untrained IDM")
+        axes[1].plot([bars["step"]], [bars["probe_la_merged"]], "o", label=f"latent action (step {bars['step']})")
+        axes[1].axhline(bars["majority_merged"], color="gray", ls=":", label="majority class")
+        axes[1].set_xlim(ax.get_xlim())  # beside the curves: the step diagnose.py was run at
+        panels.append((axes[1], "_merged", f"its group ({max(bars['groups']) + 1} groups)"))
     for axis, suffix, what in panels:
-        for key, style, label in [("ceiling", "-", "next-frame ceiling (actions independent of the state)"),
-                                  ("probe_frame_diff", "--", "frame difference o_t+1 - o_t"),
-                                  ("majority", ":", "majority class")]:
-            axis.axhline(last[key + suffix], color="gray", ls=style, label=label)
+        if bars:
+            for key, style, label in [("ceiling", "-", "next-frame ceiling (actions independent of the state)"),
+                                      ("probe_frame_diff", "--", "frame difference o_t+1 - o_t")]:
+                axis.axhline(bars[key + suffix], color="gray", ls=style, label=label)
         axis.set(xlabel="stage-1 step", ylabel="held-out accuracy of the probe",
                  title=f"Claim 1: the latent knows {what}", ylim=(0, 1))
         axis.legend(fontsize=8)
@@ -71,6 +81,9 @@ def claim1(run, out, game):
         ax2.plot(steps, [r[key] for r in rows], "o-", label=label)
     ax2.set(xlabel="stage-1 step", ylabel="held-out MSE", yscale="log", title=f"Does the FDM use the latent? ({game})")
     ax2.legend(fontsize=8)
+    if not bars:
+        print(f"[plot] claim 1: no {run / 'diagnose.json'}, so no bars but the majority class, and no groups panel: "
+              f"run `python tools/diagnose.py --run-dir {run} --baselines-only` first")
     save(fig, out, "claim1_probe.png")
 
 
@@ -90,7 +103,7 @@ def claim2(run, out, game):
                       f"{np.std(seeds):.2f} over {len(seeds)} seeds ({', '.join(f'{x:.2f}' for x in seeds)})")
         if pts:
             n, m, lo, hi = map(np.array, zip(*pts))
-            ax.errorbar(n, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=label)
+            ax.errorbar(n, m, yerr=np.stack([m - lo, hi - m]), fmt="o-", capsize=3, label=label)
     ax.axhline(0, color="gray", ls=":", label="uniform-random policy")
     if (run / "expert.pt").exists() and "relative" in results(run / "expert.pt"):
         ax.axhline(results(run / "expert.pt")["relative"], color="gray", ls="--", label="the data's expert")
@@ -150,10 +163,11 @@ def claim3(run, out, game):
 def pictures(run, out, cfg):
     """What the FDM predicts, and what the latent actions encode."""
     ckpt = lapo.load_checkpoint(run / "stage1.pt", "stage1")
-    cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in lapo.NET_FIELDS})
-    idm = lapo.load_idm(cfg)
-    fdm = lapo.FDM(cfg).to(cfg.device).eval()
+    cfg = lapo.saved_config(ckpt, run_dir=cfg.run_dir, data=cfg.data, device=cfg.device)
+    idm, fdm = lapo.make_idm_fdm(cfg)
+    idm.load_state_dict(ckpt["idm"])
     fdm.load_state_dict(ckpt["fdm"])
+    idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last).eval() for m in (idm, fdm))
     test = lapo.Dataset(cfg.data, "test", cfg.env)
     obs, ta = test.get(np.linspace(0, len(test) - 1, 2048).astype(int))
     with torch.no_grad():
@@ -187,11 +201,12 @@ def main():
     checkpoints = sorted(run.glob("*.pt"))
     if not checkpoints:
         sys.exit(f"error: no checkpoints in {run}: run the stages first")
-    saved = torch.load(checkpoints[0], weights_only=True)["config"]
-    data = args.data or saved["data"]
+    first = run / "stage1.pt" if (run / "stage1.pt").exists() else checkpoints[0]
+    saved = torch.load(first, map_location="cpu", weights_only=True)
+    data = args.data or saved["config"]["data"]
     if not Path(data).exists():  # the saved path is relative to where the run was made
         data = str(run / "data")
-    cfg = lapo.make_config(saved["preset"], env=saved["env"], run_dir=str(run), data=data, device=args.device)
+    cfg = lapo.saved_config(saved, run_dir=str(run), data=data, device=args.device)
     out = run / "plots"
     out.mkdir(exist_ok=True)
     claim1(run, out, cfg.env)
