@@ -551,7 +551,8 @@ class Policy(nn.Module):
         # the heads run in fp32 even under bf16 autocast: bf16 keeps 8 bits of a value, and
         # GAE's r + gamma V' - V would then be mostly rounding error where rewards are sparse
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float()), (None if self.value is None else self.value(h.float()).squeeze(-1))
+            h = h.float()  # one cast: the heads' gradients meet in fp32
+            return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
 
 
 def orthogonal_init(layer, std):
@@ -600,7 +601,8 @@ class RLSLPolicy(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         with torch.autocast(h.device.type, enabled=False):  # fp32 heads, as in Policy
-            h_rl, h_sl = F.relu(self.fc_rl(h.float())), F.relu(self.fc_sl(h.float()))
+            h = h.float()
+            h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
             return (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2, self.value(h_rl).squeeze(-1)
 
 
