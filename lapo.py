@@ -120,8 +120,9 @@ GROUPS = dict(run="where and how", idm="stage-1 networks", policy="policy networ
               expert="the expert (PPO from scratch)", collect="the dataset", stage1="stage 1", stage2="stage 2",
               decode="offline decoding", eval="evaluation", finetune="online fine-tuning (RL + SL)")
 READS = dict(expert=("run", "policy", "ppo", "expert", "eval"), collect=("run", "collect"),
-             stage1=("run", "idm", "stage1"), stage2=("run", "policy", "stage2"), decode=("run", "decode", "eval"),
-             finetune=("run", "ppo", "expert", "finetune", "eval"), eval=("run", "eval"), pipeline=tuple(GROUPS))
+             stage1=("run", "idm", "stage1"), stage2=("run", "policy", "stage2"),
+             decode=("run", "decode", "policy", "eval"), finetune=("run", "ppo", "expert", "policy", "finetune", "eval"),
+             eval=("run", "eval"), pipeline=tuple(GROUPS))
 # Fine-tuning trains three parts of the RL+SL policy, each at a learning rate that is 0 until
 # frame a, ramps linearly to ft_lr x f at frame b, then decays to 0 at ft_frames; a and b are
 # stretched by ft_schedule_scale. The paper's schedule.
@@ -173,16 +174,16 @@ def check_config(cfg):
     if cfg.seed >= 10_000:  # collect gives each seed 10,000 chunks' worth of levels (LEVEL_SEEDS)
         raise LapoError(f"--seed must be below 10,000, got {cfg.seed}")
     ramps_end = max(b for _, b, _ in FT_RAMPS.values()) * cfg.ft_schedule_scale
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for wrong, why in [(cfg.vq and cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim),
                         f"--la-dim {cfg.la_dim} must be a multiple of --vq-codebooks x --vq-dim"),
                        ((cfg.num_envs * cfg.num_steps) % cfg.minibatches,
                         "--num-envs x --num-steps must be divisible by --minibatches"),
                        (cfg.num_steps < 3, "--num-steps must be at least 3: fine-tuning labels windows of 3 frames"),
+                       (cfg.probe_frames < 32, "--probe-frames must be at least 32: the probe fits on half, scores on half"),
                        (ramps_end >= cfg.ft_frames, f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps "
                                                     f"(frame {ramps_end:g}): raise it or lower --ft-schedule-scale"),
-                       (cfg.device.startswith("cuda") and not torch.cuda.is_available() or cfg.device.split(":")[0]
-                        not in ("cpu", "cuda"), f"--device {cfg.device}: this machine has "
-                                                f"{'a GPU: cuda' if torch.cuda.is_available() else 'no GPU: cpu'}")]:
+                       (cfg.device not in devices, f"--device {cfg.device}: this machine's devices are {', '.join(devices)}")]:
         if wrong:
             raise LapoError(why)
 
@@ -216,30 +217,6 @@ def make_env(game, num_envs, seed):
 
     return ProcgenEnv(num_envs=num_envs, env_name=game, num_levels=0, start_level=0,
                       distribution_mode="easy", rand_seed=seed)
-
-
-class RewardNormalizer:
-    """Divides rewards by the running std of the discounted return and clips to [-10, 10],
-    as gym's NormalizeReward + clipping do for PPO on Procgen."""
-
-    def __init__(self, num_envs, gamma):
-        self.gamma, self.ret = gamma, np.zeros(num_envs)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, reward, done):
-        self.ret = self.ret * self.gamma + reward
-        m, v, n = self.ret.mean(), self.ret.var(), len(self.ret)  # merge batch stats (Chan et al.)
-        delta, total = m - self.mean, self.count + n
-        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
-        self.mean, self.count = self.mean + delta * n / total, total
-        self.ret[done] = 0.0
-        return np.clip(reward / np.sqrt(self.var + 1e-8), -10, 10)
-
-    def state_dict(self):
-        return dict(mean=float(self.mean), var=float(self.var), count=float(self.count))
-
-    def load_state_dict(self, d):
-        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
 
 
 def to_input(obs, device):
@@ -402,8 +379,8 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("ema_sum", codebook.clone())
         self.register_buffer("idle_steps", torch.zeros(codebooks, codes))
 
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)  # distances and EMA statistics in fp32: bf16's 8 bits would
+    @torch.autocast("cpu", enabled=False)  # pick codes by rounding error
     def forward(self, z):
         """z (B, G*P*D) -> z_q (B, G*P*D), commitment loss, perplexity, codes (B, G, P)"""
         G, K, D = self.codebook.shape
@@ -435,7 +412,7 @@ class VectorQuantizerEMA(nn.Module):
             # one idle for reset_after steps restarts at a random vector of this batch
             self.idle_steps.add_(1).mul_(count == 0)
             dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
-            sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]
+            sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]  # torchrun: rank 0's, DDP broadcasts
             self.ema_sum.copy_(torch.where(dead, sample, self.ema_sum))
             self.ema_count.copy_(torch.where(dead[..., 0], 1.0, self.ema_count))
             self.idle_steps.mul_(~dead[..., 0])
@@ -684,6 +661,30 @@ def stage2_update(cfg, idm, policy, opt, x, step):
     return dict(loss=global_mean(loss))
 
 
+class RewardNormalizer:
+    """Divides rewards by the running std of the discounted return and clips to [-10, 10],
+    as gym's NormalizeReward + clipping do for PPO on Procgen."""
+
+    def __init__(self, num_envs, gamma):
+        self.gamma, self.ret = gamma, np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, reward, done):
+        self.ret = self.ret * self.gamma + reward
+        m, v, n = self.ret.mean(), self.ret.var(), len(self.ret)  # merge batch stats (Chan et al.)
+        delta, total = m - self.mean, self.count + n
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        self.ret[done] = 0.0
+        return np.clip(reward / np.sqrt(self.var + 1e-8), -10, 10)
+
+    def state_dict(self):
+        return dict(mean=float(self.mean), var=float(self.var), count=float(self.count))
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
 def gae(rewards, values, dones, next_value, next_done, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016) over a rollout of T steps.
     dones[t] = 1 if obs[t] starts a new episode (so no bootstrapping from t into t-1)."""
@@ -784,6 +785,17 @@ class DecoderSL:
         self.la, self.ta = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device)
 
 
+def finetune_optimizer(cfg, agent, sl):
+    """Adam over the parts PPO tunes (the decoder too when sl=False), and their learning rates
+    at a frame: FT_RAMPS, stretched by ft_schedule_scale."""
+    parts = dict(rl_head=[*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
+                 value=[*agent.value.parameters()], fc_rl=[*agent.fc_rl.parameters()])
+    s = cfg.ft_schedule_scale
+    return (torch.optim.Adam([dict(params=parts[k]) for k in FT_RAMPS], lr=0.0),
+            lambda frames: [lr_at(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0])
+                            for a, b, m in FT_RAMPS.values()])
+
+
 # 5. Measurements: the latent probe, stage 1's held-out scores, evaluation episodes -------
 
 
@@ -880,7 +892,7 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state=None, after_
     state: an unfinished checkpoint to resume. Returns the frames done."""
     E, T = cfg.num_envs, cfg.num_steps
     normalize = RewardNormalizer(E, cfg.gamma)
-    done_frames = restore(path, state, math.ceil(frames / (E * T)) * E * T, policy=agent, opt=opt,
+    done_frames = restore(path, state, math.ceil(frames / (E * T)) * E * T, at_end=True, policy=agent, opt=opt,
                           normalizer=normalize, after_update=after_update)
     returns = state["returns"] if state else []
     seed_everything(cfg.seed + done_frames)  # a resumed run goes on in fresh levels
@@ -1062,8 +1074,9 @@ def stage1(cfg):
     results = state["results"] if state else stage1_probe(cfg, idm, fdm, probe, log, 0, path)
     while step < cfg.s1_steps:
         windows, _ = train.sample(rng, cfg.s1_batch, *rank_world())
-        pending.append((step + 1, stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(windows, cfg.device), step)))
+        metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
+        pending.append((step, metrics))
         finished, save = step == cfg.s1_steps, time.time() - last_save > cfg.ckpt_every_s
         if finished or save or step % cfg.probe_every == 0 or len(pending) == READ_EVERY:
             log_pending(log, pending, "stage1 loss")
@@ -1098,6 +1111,8 @@ def load_stage2(cfg):
 
 
 def load_idm(cfg, ckpt):
+    if "idm" not in ckpt:
+        raise LapoError("stage2.pt was made by an older lapo.py and holds no IDM: run `python lapo.py stage2` again")
     idm = make_idm(cfg)
     idm.load_state_dict(ckpt["idm"])
     return idm.to(cfg.device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -1109,7 +1124,7 @@ def stage2(cfg):
     path, state = resume(cfg, "stage2")
     if state and state.get("finished"):
         return state["results"]
-    s1 = load_checkpoint(Path(cfg.run_dir) / "stage1.pt", "stage1", cfg)
+    s1 = state or load_checkpoint(Path(cfg.run_dir) / "stage1.pt", "stage1", cfg)  # a resumed run: its own IDM
     cfg = sized_as(cfg, s1, "idm")
     idm = load_idm(cfg, s1)
     train, test = Dataset(cfg.data, "train", cfg.env), Dataset(cfg.data, "test", cfg.env)
@@ -1127,12 +1142,12 @@ def stage2(cfg):
         windows, _ = train.sample(rng, cfg.s2_batch, *rank_world())
         metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
-        pending.append((step, metrics))
         finished, save = step == cfg.s2_steps, time.time() - last_save > cfg.ckpt_every_s
         if step % 100 == 0 or finished:
             policy.eval()
             with torch.no_grad(), autocast(cfg):
                 metrics["test_loss"] = F.mse_loss(policy(test_x[:, 3:6])[0].float(), test_la)
+        pending.append((step, metrics))
         if finished or save or len(pending) == READ_EVERY:
             log_pending(log, pending, "stage2 loss")
         if finished or save:
@@ -1215,17 +1230,6 @@ def finetune(cfg, sl=True, scratch=False):
     return evaluate_and_finish(cfg, path, agent, "rlsl", done_frames)
 
 
-def finetune_optimizer(cfg, agent, sl):
-    """Adam over the parts PPO tunes (the decoder too when sl=False), and their learning rates
-    at a frame: FT_RAMPS, stretched by ft_schedule_scale."""
-    parts = dict(rl_head=[*agent.rl_head.parameters()] + ([] if sl else [*agent.decoder.parameters()]),
-                 value=[*agent.value.parameters()], fc_rl=[*agent.fc_rl.parameters()])
-    s = cfg.ft_schedule_scale
-    return (torch.optim.Adam([dict(params=parts[k]) for k in FT_RAMPS], lr=0.0),
-            lambda frames: [lr_at(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0])
-                            for a, b, m in FT_RAMPS.values()])
-
-
 def pipeline(cfg):
     """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
     Every stage skips itself when finished, so a re-run resumes."""
@@ -1274,9 +1278,9 @@ def save_checkpoint(path, cfg, **state):
 def load_checkpoint(path, command=None, cfg=None, finished=True):
     """A checkpoint, or one line saying why it cannot be used and what to run. command: the
     one that makes it; cfg: its game must be --env (else evaluation plays another game)."""
-    path, run = Path(path), f"`python lapo.py {command}`" if command else "its stage"
+    path, run = Path(path), f"`python lapo.py {command}`" if command else "the stage that made it"
     if not path.exists():
-        raise LapoError(f"{path} not found: run {run} with the same --run-dir first")
+        raise LapoError(f"{path} not found" + (f": run {run} with the same --run-dir first" if command else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["config"], ckpt["step"]
@@ -1313,28 +1317,32 @@ def resume(cfg, name, command=None):
     return path, state
 
 
-def restore(path, state, total, rng=None, **parts):
+def restore(path, state, total, rng=None, at_end=False, **parts):
     """Loads each part (module, optimiser, ...) of a resumed run and, with rng, the random
-    state, so it goes on as if never stopped; returns the step it had reached (0: none)."""
+    state, so it goes on as if never stopped; returns the step it had reached (0: none).
+    at_end: it may stand at its last step (PPO, killed in its final evaluation)."""
     if state is None:
         return 0
-    if state["step"] > total:
-        raise LapoError(f"{path} is at step {state['step']}, past this run's {total}: raise it or delete the file")
+    if state["step"] > total or state["step"] == total and not at_end:
+        raise LapoError(f"{path} is at step {state['step']} of this run's {total}: raise it or delete the file")
     try:
         for name, part in parts.items():
             if part is not None:
                 part.load_state_dict(state[name])
+        if rng is not None:
+            rng.bit_generator.state = state["random"]["numpy"]
+            torch.set_rng_state(state["random"]["torch"])
+            if state["random"]["cuda"] is not None and torch.cuda.is_available():  # the codebook resets' draws
+                torch.cuda.set_rng_state(state["random"]["cuda"])
     except (KeyError, ValueError, RuntimeError) as e:  # other sizes, or an older lapo.py
         raise LapoError(f"{path} does not fit these flags ({str(e).splitlines()[0][:200]}): pass the flags it "
                         "was made with, or delete it to start again") from None
-    if rng is not None:
-        rng.bit_generator.state = state["random"]["numpy"]
-        torch.set_rng_state(state["random"]["torch"])
     return state["step"]
 
 
 def random_state(rng):
-    return dict(numpy=rng.bit_generator.state, torch=torch.get_rng_state())
+    return dict(numpy=rng.bit_generator.state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
 def write_atomic(path, text):
@@ -1367,9 +1375,14 @@ class Logger:
         self.path, self.stage, self.total, self.unit = Path(cfg.run_dir) / f"{stage}.jsonl", stage, total, unit
         self.start, self.t0, self.last_print = start, time.time(), 0.0
         self.silent = rank_world()[0] != 0  # under torchrun rank 0 alone logs
-        if not self.silent:  # a resumed run drops the rows logged after its checkpoint: they are redone
-            rows = self.path.read_text().splitlines() if start and self.path.exists() else []
-            write_atomic(self.path, "".join(r + "\n" for r in rows if r.endswith("}") and json.loads(r)["step"] <= start))
+        if not self.silent:  # a resumed run drops the rows logged after its checkpoint (they are redone)
+            keep = []  # and a row cut short by a crash
+            for row in self.path.read_text().splitlines() if start and self.path.exists() else []:
+                try:
+                    keep += [row + "\n"] if json.loads(row)["step"] <= start else []
+                except (ValueError, KeyError):
+                    pass
+            write_atomic(self.path, "".join(keep))
 
     def log(self, step, force=False, **metrics):
         if self.silent:
@@ -1451,17 +1464,18 @@ def global_mean(x):
 
 
 def data_parallel(module):
-    """Under torchrun, the module wrapped by DDP, its BatchNorm layers replaced by
-    GlobalBatchNorm2d holding their state (as nn.SyncBatchNorm.convert_sync_batchnorm does:
-    nn.SyncBatchNorm itself refuses to run on a CPU)."""
+    """Under torchrun, the module wrapped by DDP, each BatchNorm layer replaced by a
+    GlobalBatchNorm2d with its state and its very parameters, which the optimiser holds (as
+    nn.SyncBatchNorm.convert_sync_batchnorm does; nn.SyncBatchNorm refuses to run on a CPU)."""
     if not dist.is_initialized():
         return module
     for parent in list(module.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.BatchNorm2d:
-                synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
+                synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
                 synced.load_state_dict(child.state_dict())
-                setattr(parent, name, synced.to(child.weight.device))
+                synced.weight, synced.bias = child.weight, child.bias
+                setattr(parent, name, synced)
     return DDP(module)
 
 

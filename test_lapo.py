@@ -782,7 +782,7 @@ def test_flag_values_are_checked(tmp_path):
         run("stage1", "--s1-steps", "0", "--run-dir", str(tmp_path), cwd=tmp_path))
     assert "--ckpt-every-s must be a positive number, got -1.0" in error_line(
         run("stage1", "--ckpt-every-s", "-1", "--run-dir", str(tmp_path), cwd=tmp_path))
-    with pytest.raises(lapo.LapoError, match="--device gpu: this machine has"):
+    with pytest.raises(lapo.LapoError, match="--device gpu: this machine's devices are cpu"):
         lapo.make_config("tiny", device="gpu")
     with pytest.raises(lapo.LapoError, match="--la-dim 7 must be a multiple of --vq-codebooks x --vq-dim"):
         lapo.make_config("tiny", la_dim=7)
@@ -792,6 +792,8 @@ def test_flag_values_are_checked(tmp_path):
         lapo.make_config("tiny", ft_frames=5000)  # the ramps end at 200,000 x 0.05
     with pytest.raises(lapo.LapoError, match="--num-steps must be at least 3"):
         lapo.make_config("tiny", num_steps=2)
+    with pytest.raises(lapo.LapoError, match="--probe-frames must be at least 32"):
+        lapo.make_config("tiny", probe_frames=3)  # a probe on 1 window would score nothing
     with pytest.raises(lapo.LapoError, match="--gamma must be at most 1"):
         lapo.make_config("tiny", gamma=1.5)
     with pytest.raises(lapo.LapoError, match="--seed must be below 10,000"):
@@ -870,11 +872,11 @@ def test_resuming_past_the_end_names_the_flag(pipeline_run, tmp_path):
     torch.save(dict(ckpt, finished=False), tmp_path / "stage1.pt")  # as if killed at its last step
     line = error_line(run("stage1", "--run-dir", str(tmp_path), *SMALL, "--data", str(d / "data"),
                           "--s1-steps", "3", cwd=tmp_path))
-    assert "stage1.pt is at step 4, past this run's 3" in line
+    assert "stage1.pt is at step 4 of this run's 3" in line
     ckpt = torch.load(d / "expert.pt", weights_only=True)
     torch.save(dict(ckpt, finished=False), tmp_path / "expert.pt")
     line = error_line(run("expert", "--run-dir", str(tmp_path), *SMALL, "--expert-frames", "128", cwd=tmp_path))
-    assert "expert.pt is at step 256, past this run's 128" in line
+    assert "expert.pt is at step 256 of this run's 128" in line
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_is_named(pipeline_run, tmp_path):
@@ -1109,6 +1111,8 @@ def test_two_processes_match_one_at_the_same_global_batch(pipeline_run, tmp_path
         losses[n] = jsonl(rd / "stage1.jsonl", "fdm_loss"), jsonl(rd / "stage2.jsonl", "loss")
     assert len(losses[1][0]) == 5 and np.allclose(losses[1][0], losses[2][0], rtol=1e-3)
     assert len(losses[1][1]) == 5 and np.allclose(losses[1][1], losses[2][1], rtol=1e-4)
+    fdm = [torch.load(tmp_path / f"procs{n}" / "stage1.pt", weights_only=True)["fdm"] for n in (1, 2)]
+    assert all(torch.allclose(fdm[0][k].float(), fdm[1][k].float(), atol=1e-4) for k in fdm[0])  # BatchNorm's too
     lines = [(tmp_path / f"procs{n}" / "stage1.jsonl").read_text().count("\n") for n in (1, 2)]
     assert lines[0] == lines[1]  # rank 0 alone logs
     r = subprocess.run([sys.executable, *launch, str(HERE / "lapo.py"), "stage1", "--run-dir", str(rd), *args],
@@ -1182,3 +1186,4 @@ def test_tiny_pipeline_runs_on_cuda(tmp_path):
                         *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "finetune.pt", weights_only=True)["config"]["device"] == "cuda"
+
