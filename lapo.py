@@ -988,6 +988,8 @@ def collect(cfg, random_policy=False, policy_path=None):
     authors' chunk format, <data>/train/0.npz, .. and <data>/test/0.npz, .. (other levels),
     going on after the chunks already there. Returns the frames per split: --train-frames
     and --test-frames rounded up to whole chunks."""
+    if random_policy and policy_path:
+        raise LapoError("--random plays a uniform-random policy, --policy rolls out a checkpoint: pass one")
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt", "expert")
     check_game(cfg.data, cfg.env)
     Path(cfg.data).mkdir(parents=True, exist_ok=True)
@@ -1212,6 +1214,8 @@ def finetune(cfg, sl=True, scratch=False):
     the default 1e-8, as in the authors' code). With SL, DecoderSL re-fits the decoder after
     updates; sl=False (RL only): PPO trains the decoder. scratch: the baseline, PPO from
     scratch for the same frames."""
+    if scratch and not sl:
+        raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")
     if scratch:
         return run_expert(cfg, "ppo" + seed_suffix(cfg), cfg.ft_frames)
     name = ("finetune" if sl else "finetune-rl") + seed_suffix(cfg)
@@ -1551,7 +1555,7 @@ def build_parser(preset="paper", env="coinrun"):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False)  # the preset and game whose values --help shows
     pre.add_argument("--preset", default="paper")
     pre.add_argument("--env", default="coinrun")
     parser = build_parser(**vars(pre.parse_known_args(argv)[0]))
@@ -1560,18 +1564,13 @@ def main(argv=None):
         sys.exit(2)
     args = parser.parse_args(argv)
     try:
-        cfg = make_config(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                                          if f.name != "preset"})
+        cfg = make_config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
         if args.command == "pipeline" and cfg.preset == "paper" and cfg.device == "cpu" and not args.device:
             raise LapoError("the paper preset is a GPU job, days on a CPU: pass --preset tiny (minutes) or cpu "
                             "(hours), or --device cpu to run it here anyway")
         if "RANK" in os.environ:  # launched by torchrun
             setup_distributed(cfg, args.command)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        if args.command == "collect" and args.random and args.policy:
-            raise LapoError("--random plays a uniform-random policy, --policy rolls out a checkpoint: pass one")
-        if args.command == "finetune" and args.scratch and args.no_sl:
-            raise LapoError("--scratch trains PPO from scratch; --no-sl applies to fine-tuning only")
         if args.command == "expert":
             run_expert(cfg)
         elif args.command == "collect":
@@ -1587,15 +1586,14 @@ def main(argv=None):
         elif args.command == "eval":
             r = return_summary(cfg, evaluate(cfg, load_policy(cfg, args.policy), cfg.eval_episodes))
             print(f"[eval] {args.policy}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
-                  f"relative {r['relative']:.2f} (random {RANDOM_RETURN[cfg.env]}, expert {EXPERT_RETURN[cfg.env]})")
+                  f"relative {r['relative']:.2f}")
         elif args.command == "pipeline":
             pipeline(cfg)
     except LapoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact: run the same command to resume (decode and eval start over)",
-              file=sys.stderr)
+        print("interrupted; the last checkpoint is intact: run the same command to resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
