@@ -759,7 +759,7 @@ class DecoderSL:
     """Run after every PPO update, so the next rollout acts with the new decoder: labels the
     rollout's windows with the IDM and, inside the SL window, re-fits the decoder from
     scratch on every pair so far (after each update until sl_dense frames, then every
-    sl_every updates). Its pairs are saved with the run's checkpoints."""
+    sl_every updates). Its pairs and IDM are saved with the run's checkpoints."""
 
     def __init__(self, cfg, idm, decoder):
         self.cfg, self.idm, self.decoder = cfg, idm, decoder
@@ -778,11 +778,12 @@ class DecoderSL:
             self.decoder.load_state_dict(decoder.state_dict())
         return metrics
 
-    def state_dict(self):
-        return dict(la=self.la, ta=self.ta)
+    def state_dict(self):  # the IDM too: resumed, the run labels with the IDM it began with
+        return dict(la=self.la, ta=self.ta, idm=self.idm.state_dict())
 
     def load_state_dict(self, d):
         self.la, self.ta = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device)
+        self.idm.load_state_dict(d["idm"])
 
 
 def finetune_optimizer(cfg, agent, sl):
