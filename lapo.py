@@ -920,8 +920,8 @@ def rollout(cfg, agent, envs, games, normalize, returns, log, frames):
     batch, and the rollout's (obs, actions, dones). games: each game's last frame, done flag,
     return and length, carried from one rollout to the next."""
     dev, E, T = cfg.device, cfg.num_envs, cfg.num_steps
-    obs = torch.zeros(T, E, 64, 64, 3, dtype=torch.uint8, device=dev)
-    actions, logprobs, rewards, dones, values = (torch.zeros(T, E, device=dev) for _ in range(5))
+    obs = torch.empty(T, E, 64, 64, 3, dtype=torch.uint8, device=dev)  # every entry is written below
+    actions, logprobs, rewards, dones, values = (torch.empty(T, E, device=dev) for _ in range(5))
     agent.eval()
     for t in range(T):
         obs[t] = torch.as_tensor(games["obs"]).to(dev, non_blocking=True)
