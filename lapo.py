@@ -10,9 +10,7 @@ of behaviour, with no action labels:
   stage 3  the latent policy is decoded into real actions: offline with a small decoder
            trained on a few labelled frames, or online with PPO (RL + SL).
 It also trains the PPO expert and collects its dataset, so the whole method runs from
-nothing: `python lapo.py pipeline --preset tiny`. Sections: 1. configuration, 2. environment
-and data, 3. networks, 4. the method, one function per update, 5. measurements, 6. stages,
-7. checkpoints, logging, torchrun, 8. command line.
+nothing: `python lapo.py pipeline --preset tiny`.
 """
 
 import argparse
@@ -119,10 +117,9 @@ class Config:
 GROUPS = dict(run="where and how", idm="stage-1 networks", policy="policy network", ppo="PPO",
               expert="the expert (PPO from scratch)", collect="the dataset", stage1="stage 1", stage2="stage 2",
               decode="offline decoding", eval="evaluation", finetune="online fine-tuning (RL + SL)")
-READS = dict(expert=("run", "policy", "ppo", "expert", "eval"), collect=("run", "collect"),
-             stage1=("run", "idm", "stage1"), stage2=("run", "policy", "stage2"),
-             decode=("run", "decode", "policy", "eval"), finetune=("run", "ppo", "expert", "policy", "finetune", "eval"),
-             eval=("run", "eval"), pipeline=tuple(GROUPS))
+READS = dict(expert="run policy ppo expert eval", collect="run collect", stage1="run idm stage1",
+             stage2="run policy stage2", decode="run decode policy eval", finetune="run ppo expert policy finetune eval",
+             eval="run eval", pipeline=" ".join(GROUPS))
 # Fine-tuning trains three parts of the RL+SL policy, each at a learning rate that is 0 until
 # frame a, ramps linearly to ft_lr x f at frame b, then decays to 0 at ft_frames; a and b are
 # stretched by ft_schedule_scale. The paper's schedule.
@@ -164,26 +161,24 @@ def check_config(cfg):
         raise LapoError(f"unknown game {cfg.env!r}; choose one of: {', '.join(GAMES)}")
     may_be_0 = ("seed", "vq_reset_after", "sl_smoothing", "expert_ent", "ft_ent", "decode_wd", "sl_start",
                 "s1_warmup", "s2_warmup")
-    at_most_1 = ("gamma", "gae_lambda", "clip", "vq_decay", "vq_beta", "sl_smoothing")
     for f in dataclasses.fields(cfg):
         v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if f.type in (int, float) and not (math.isfinite(v) and (v > 0 or v == 0 and f.name in may_be_0)):
             raise LapoError(f"{flag} must be a {'non-negative' if f.name in may_be_0 else 'positive'} number, got {v}")
-        if f.name in at_most_1 and v > 1:
-            raise LapoError(f"{flag} must be at most 1, got {v}")
-    if cfg.seed >= 10_000:  # collect gives each seed 10,000 chunks' worth of levels (LEVEL_SEEDS)
-        raise LapoError(f"--seed must be below 10,000, got {cfg.seed}")
     ramps_end = max(b for _, b, _ in FT_RAMPS.values()) * cfg.ft_schedule_scale
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    for wrong, why in [(cfg.vq and cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim),
-                        f"--la-dim {cfg.la_dim} must be a multiple of --vq-codebooks x --vq-dim"),
-                       ((cfg.num_envs * cfg.num_steps) % cfg.minibatches,
-                        "--num-envs x --num-steps must be divisible by --minibatches"),
-                       (cfg.num_steps < 3, "--num-steps must be at least 3: fine-tuning labels windows of 3 frames"),
-                       (cfg.probe_frames < 32, "--probe-frames must be at least 32: the probe fits on half, scores on half"),
-                       (ramps_end >= cfg.ft_frames, f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps "
-                                                    f"(frame {ramps_end:g}): raise it or lower --ft-schedule-scale"),
-                       (cfg.device not in devices, f"--device {cfg.device}: this machine's devices are {', '.join(devices)}")]:
+    for wrong, why in [
+        (max(cfg.gamma, cfg.gae_lambda, cfg.clip, cfg.vq_decay, cfg.vq_beta, cfg.sl_smoothing) > 1,
+         "--gamma, --gae-lambda, --clip, --vq-decay, --vq-beta and --sl-smoothing must be at most 1"),
+        (cfg.seed >= 10_000, "--seed must be below 10,000 (collect gives each seed 10,000 chunks' levels)"),
+        (cfg.vq and cfg.la_dim % (cfg.vq_codebooks * cfg.vq_dim), f"--la-dim {cfg.la_dim} must be a multiple of "
+                                                                   "--vq-codebooks x --vq-dim"),
+        ((cfg.num_envs * cfg.num_steps) % cfg.minibatches, "--num-envs x --num-steps must be divisible by --minibatches"),
+        (cfg.num_steps < 3, "--num-steps must be at least 3: fine-tuning labels windows of 3 frames"),
+        (cfg.probe_frames < 32, "--probe-frames must be at least 32: the probe fits on half, scores on half"),
+        (ramps_end >= cfg.ft_frames, f"--ft-frames {cfg.ft_frames} ends before the fine-tuning ramps (frame "
+                                     f"{ramps_end:g}): raise it or lower --ft-schedule-scale"),
+        (cfg.device not in devices, f"--device {cfg.device}: this machine's devices are {', '.join(devices)}")]:
         if wrong:
             raise LapoError(why)
 
@@ -200,8 +195,7 @@ EXPERT_RETURN = dict(zip(GAMES, [36.34, 11.63, 9.184, 9.956, 10.23, 9.933, 13.49
                                  9.685, 8.460, 7.408, 9.969, 11.89, 9.475, 11.46, 66.99]))
 # Procgen draws every episode's level (one of 2^31) from the seed given to make_env, so each
 # use of the game seeds its own: PPO runs seed + frames done, the dataset and evaluation far
-# above (+ 10,000 per --seed). Fine-tuning replays a level of the dataset it imitated, and
-# evaluation a level of training, only by the chance that two draws from 2^31 meet.
+# above (+ 10,000 per --seed), so they meet only by the chance that two draws from 2^31 do.
 LEVEL_SEEDS = dict(train=1_000_000_000, test=1_100_000_000, eval=1_200_000_000)
 
 
@@ -211,8 +205,7 @@ def relative_return(game, ret):
 
 
 def make_env(game, num_envs, seed):
-    """Procgen, easy mode, every level. reset() -> {"rgb": (E,64,64,3) uint8}; step(a) ->
-    (obs, reward, done, info); finished episodes restart by themselves."""
+    """Procgen, easy mode, every level; finished episodes restart by themselves."""
     from procgen import ProcgenEnv  # imported here: the networks need no game installed
 
     return ProcgenEnv(num_envs=num_envs, env_name=game, num_levels=0, start_level=0,
@@ -239,7 +232,7 @@ TRAIN_CHUNK, TEST_CHUNK, FRAME_BYTES = 32_768, 4_096, 64 * 64 * 3
 
 
 def write_chunk(path, chunk):
-    """Uncompressed (so obs can be memory-mapped), to a temporary name then renamed: a crash
+    """Uncompressed, so obs can be memory-mapped; to a temporary name then renamed, so a crash
     never leaves a half-written chunk."""
     np.savez(f"{path}.tmp.npz", **{k: np.asarray(chunk[k], dtype=t) for k, t in CHUNK_KEYS.items()})
     os.replace(f"{path}.tmp.npz", path)
@@ -249,9 +242,9 @@ def chunk_files(folder):  # 0.npz, 1.npz, ... (not a .tmp.npz a crash left behin
     return sorted((p for p in Path(folder).glob("*.npz") if p.stem.isdigit()), key=lambda p: int(p.stem))
 
 
-def check_game(folder, game):
+def check_game(folder, game):  # another game's frames would train a stage silently
     made_on = (Path(folder) / "game.txt").read_text().strip() if (Path(folder) / "game.txt").exists() else game
-    if made_on != game:  # another game's frames would train a stage silently
+    if made_on != game:
         raise LapoError(f"{folder} holds frames of {made_on}, the flags say --env {game}: pass --env {made_on}, "
                         f"or another --data")
 
@@ -260,10 +253,8 @@ def read_chunk(path):
     """obs, memory-mapped unless the chunk is compressed (then read), and the per-frame arrays;
     a chunk with a missing key, a bad shape or an action outside 0..14 raises one line."""
     try:
-        with np.load(path) as z:
-            small = {k: z[k] for k in CHUNK_KEYS if k != "obs"}
-            with zipfile.ZipFile(path) as zf:
-                info = zf.getinfo("obs.npy")
+        with np.load(path) as z, zipfile.ZipFile(path) as zf:
+            small, info = {k: z[k] for k in CHUNK_KEYS if k != "obs"}, zf.getinfo("obs.npy")
             obs = z["obs"] if info.compress_type != zipfile.ZIP_STORED else None
         if obs is None:  # find obs's bytes: past the zip entry's header and the .npy header
             with open(path, "rb") as f:
@@ -994,12 +985,10 @@ def collect(cfg, random_policy=False, policy_path=None):
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt", "expert")
     check_game(cfg.data, cfg.env)
     Path(cfg.data).mkdir(parents=True, exist_ok=True)
-    if not chunk_files(Path(cfg.data, "train")) + chunk_files(Path(cfg.data, "test")):  # a new dataset: name its game
-        write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
     written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
-        chunk_len, folder = min(chunk_len, frames), Path(cfg.data, split)
-        n_chunks, have = math.ceil(frames / chunk_len), 0
+        chunk_len, folder, have = min(chunk_len, frames), Path(cfg.data, split), 0
+        n_chunks = math.ceil(frames / chunk_len)
         folder.mkdir(exist_ok=True)
         while (folder / f"{have}.npz").exists():  # chunks 0, 1, ..: go on at the first missing one
             have += 1
@@ -1007,6 +996,7 @@ def collect(cfg, random_policy=False, policy_path=None):
             raise LapoError(f"{folder} holds other chunks than the {n_chunks} of {chunk_len} frames that --{split}-frames "
                             f"{frames} asks for: use another --data folder")
         if have < n_chunks:  # a resume plays new levels, another --seed others
+            write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
             collect_split(cfg, agent, folder, have, n_chunks, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + have)
         written[split] = n_chunks * chunk_len
     return written
@@ -1271,9 +1261,9 @@ class LapoError(Exception):
 
 
 def save_checkpoint(path, cfg, **state):
-    """A plain dict: modules and optimisers (anything with a state_dict) as state_dicts, numbers,
-    and the config; torch.load(weights_only=True) loads it anywhere. Written to a temporary
-    name, then renamed: never a half-written file. Under torchrun rank 0 alone writes."""
+    """A plain dict: state_dicts (of anything that has one), numbers and the config, which
+    torch.load(weights_only=True) loads anywhere. Written to a temporary name, then renamed:
+    never a half-written file. Under torchrun rank 0 alone writes."""
     if rank_world()[0] == 0:
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
         torch.save(dict(state, config=dataclasses.asdict(cfg)), f"{path}.tmp")
@@ -1288,14 +1278,13 @@ def load_checkpoint(path, command=None, cfg=None, finished=True):
         raise LapoError(f"{path} not found" + (f": run {run} with the same --run-dir first" if command else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["config"], ckpt["step"]
+        made_on, _ = ckpt["config"]["env"], ckpt["step"]
     except Exception as e:
         raise LapoError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); delete it and run {run} again") from None
     if finished and not ckpt.get("finished"):
         raise LapoError(f"{path} is from an unfinished run: run {run} again with the same flags to finish it")
-    if cfg is not None and ckpt["config"]["env"] != cfg.env:
-        raise LapoError(f"{path} was made on {ckpt['config']['env']}, the flags say --env {cfg.env}: "
-                        f"pass --env {ckpt['config']['env']}")
+    if cfg is not None and made_on != cfg.env:
+        raise LapoError(f"{path} was made on {made_on}, the flags say --env {cfg.env}: pass --env {made_on}")
     return ckpt
 
 
@@ -1374,20 +1363,15 @@ def log_pending(log, pending, what):
 
 class Logger:
     """Metrics to <run_dir>/<stage>.jsonl, a JSON object a line, and a progress line on the
-    console every few seconds: step, rate, ETA and the latest numbers."""
+    console every few seconds: step, rate, ETA and the latest numbers. Under torchrun rank 0
+    alone logs. Resumed, it drops the rows logged after the checkpoint (they are redone)."""
 
     def __init__(self, cfg, stage, total, start=0, unit="step"):
         self.path, self.stage, self.total, self.unit = Path(cfg.run_dir) / f"{stage}.jsonl", stage, total, unit
-        self.start, self.t0, self.last_print = start, time.time(), 0.0
-        self.silent = rank_world()[0] != 0  # under torchrun rank 0 alone logs
-        if not self.silent:  # a resumed run drops the rows logged after its checkpoint (they are redone)
-            keep = []  # and a row cut short by a crash
-            for row in self.path.read_text().splitlines() if start and self.path.exists() else []:
-                try:
-                    keep += [row + "\n"] if json.loads(row)["step"] <= start else []
-                except (ValueError, KeyError):
-                    pass
-            write_atomic(self.path, "".join(keep))
+        self.start, self.t0, self.last_print, self.silent = start, time.time(), 0.0, rank_world()[0] != 0
+        if not self.silent:  # a row a crash cut short does not end in "}"
+            rows = self.path.read_text().splitlines() if start and self.path.exists() else []
+            write_atomic(self.path, "".join(r + "\n" for r in rows if r.endswith("}") and json.loads(r)["step"] <= start))
 
     def log(self, step, force=False, **metrics):
         if self.silent:
@@ -1395,8 +1379,7 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(step=int(step), time=round(time.time() - self.t0, 2), **metrics)) + "\n")
         if force or time.time() - self.last_print > 10:
-            self.last_print = time.time()
-            rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+            self.last_print, rate = time.time(), (step - self.start) / max(time.time() - self.t0, 1e-9)
             shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             eta = (self.total - step) / rate / 60 if rate > 0 else 0
             print(f"[{self.stage}] {self.unit} {step}/{self.total} {rate:.1f} {self.unit}s/s ETA {eta:.1f} min | {shown}",
@@ -1451,11 +1434,10 @@ def setup_distributed(cfg, command):
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    rank, world = rank_world()
-    if rank:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone speaks
-    if (cfg.s1_batch if command == "stage1" else cfg.s2_batch) % world:
-        raise LapoError(f"the batch must be divisible by the {world} processes")
+    if rank_world()[0]:  # rank 0 alone speaks
+        sys.stdout = open(os.devnull, "w")
+    if (cfg.s1_batch if command == "stage1" else cfg.s2_batch) % dist.get_world_size():
+        raise LapoError(f"the batch must be divisible by the {dist.get_world_size()} processes")
 
 
 def global_mean(x):
@@ -1506,7 +1488,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 HELP = dict(
     expert="train a PPO agent from scratch: the expert whose rollouts make the dataset",
-    collect="roll out the expert (or --random) into a dataset in the authors' chunk format",
+    collect="roll out the expert (or --random, or --policy) into a dataset in the authors' chunk format",
     stage1="train the latent IDM + FDM (no actions used; a probe reports action accuracy)",
     stage2="latent behaviour cloning: a policy imitates the IDM's latent actions",
     decode="offline decoding: fit latent -> action on --labels N frames (--bc: the baseline), play",
@@ -1514,6 +1496,10 @@ HELP = dict(
     eval="play a saved policy for --eval-episodes episodes and report its return",
     pipeline="expert -> collect -> stage1 -> stage2 -> decode -> finetune, then a results table",
 )
+SWITCHES = [("collect", "--random", "uniform-random actions"),
+            ("decode", "--bc", "the baseline: behaviour cloning from scratch on the same labels"),
+            ("finetune", "--no-sl", "RL only: PPO also trains the decoder"),
+            ("finetune", "--scratch", "the baseline: PPO from scratch for the same frames")]
 EPILOG = """start here, a first sign of stage 1 working in minutes on 2 CPU cores:
   python lapo.py collect --random --preset tiny --env dodgeball
   python lapo.py stage1 --preset tiny --env dodgeball --s1-steps 1000
@@ -1532,7 +1518,7 @@ def build_parser(preset="paper", env="coinrun"):
     sub = parser.add_subparsers(dest="command", required=True)
     for command, text in HELP.items():
         p = sub.add_parser(command, help=text, description=text)
-        groups = {g: p.add_argument_group(GROUPS[g]) for g in READS[command]}
+        groups = {g: p.add_argument_group(GROUPS[g]) for g in READS[command].split()}
         groups["run"].add_argument("--preset", choices=list(PRESETS), default="paper",
                                    help="sizes and step counts; other flags override it (default: paper)")
         for f in [f for f in dataclasses.fields(Config) if f.name != "preset"]:
@@ -1545,12 +1531,8 @@ def build_parser(preset="paper", env="coinrun"):
         if command in ("collect", "eval"):
             p.add_argument("--policy", required=command == "eval",
                            help="a checkpoint that acts" + (" (default: <run-dir>/expert.pt)" if command == "collect" else ""))
-        for c, flag, text in [("collect", "--random", "uniform-random actions"),
-                              ("decode", "--bc", "the baseline: behaviour cloning from scratch on the same labels"),
-                              ("finetune", "--no-sl", "RL only: PPO also trains the decoder"),
-                              ("finetune", "--scratch", "the baseline: PPO from scratch for the same frames")]:
-            if c == command:
-                p.add_argument(flag, action="store_true", help=text)
+        for flag, text in [(flag, text) for c, flag, text in SWITCHES if c == command]:
+            p.add_argument(flag, action="store_true", help=text)
     return parser
 
 
@@ -1572,26 +1554,17 @@ def main(argv=None):
         if "RANK" in os.environ:  # launched by torchrun
             setup_distributed(cfg, args.command)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        if args.command == "expert":
-            run_expert(cfg)
-        elif args.command == "collect":
-            collect(cfg, args.random, args.policy)
-        elif args.command == "stage1":
-            stage1(cfg)
-        elif args.command == "stage2":
-            stage2(cfg)
-        elif args.command == "decode":
-            decode(cfg, args.bc)
-        elif args.command == "finetune":
-            finetune(cfg, sl=not args.no_sl, scratch=args.scratch)
-        elif args.command == "eval":
+        if args.command == "eval":
             r = return_summary(cfg, evaluate(cfg, load_policy(cfg, args.policy), cfg.eval_episodes))
             print(f"[eval] {args.policy}: return {r['mean']:.2f} +- {r['std']:.2f} over {r['episodes']} episodes; "
                   f"relative {r['relative']:.2f}")
-        elif args.command == "pipeline":
-            pipeline(cfg)
+        else:
+            dict(expert=lambda: run_expert(cfg), collect=lambda: collect(cfg, args.random, args.policy),
+                 stage1=lambda: stage1(cfg), stage2=lambda: stage2(cfg), decode=lambda: decode(cfg, args.bc),
+                 finetune=lambda: finetune(cfg, not args.no_sl, args.scratch), pipeline=lambda: pipeline(cfg))[args.command]()
     except LapoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact: run the same command to resume", file=sys.stderr)

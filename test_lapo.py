@@ -794,7 +794,7 @@ def test_flag_values_are_checked(tmp_path):
         lapo.make_config("tiny", num_steps=2)
     with pytest.raises(lapo.LapoError, match="--probe-frames must be at least 32"):
         lapo.make_config("tiny", probe_frames=3)  # a probe on 1 window would score nothing
-    with pytest.raises(lapo.LapoError, match="--gamma must be at most 1"):
+    with pytest.raises(lapo.LapoError, match="--gamma, --gae-lambda, .* must be at most 1"):
         lapo.make_config("tiny", gamma=1.5)
     with pytest.raises(lapo.LapoError, match="--seed must be below 10,000"):
         lapo.make_config("tiny", seed=10_000)  # its levels would be another seed's
