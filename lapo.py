@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn  # differentiable collectives
+import torch.distributed._functional_collectives as dist_fn  # differentiable; torch names it the successor of dist.nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1473,7 +1473,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         world, dtype, x = dist.get_world_size(), x.dtype, x.float()  # statistics in fp32, as nn.BatchNorm2d
-        mean, mean_sq = dist_fn.all_reduce(torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])) / world
+        stats = torch.stack([x.mean((0, 2, 3)), x.pow(2).mean((0, 2, 3))])
+        mean, mean_sq = dist_fn.all_reduce(stats, "sum", dist.group.WORLD) / world
         var = mean_sq - mean.pow(2)
         with torch.no_grad():
             n = x.numel() / x.shape[1] * world
