@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def arg(default, help, group):
-    """A Config field: help is its --help; group, the commands that read it (READS)."""
+    """A Config field: help is its --help; group, its section of --help (READS: a command's sections)."""
     return dataclasses.field(default=default, metadata=dict(help=help, group=group))
 
 
@@ -194,8 +194,9 @@ RANDOM_RETURN = dict(zip(GAMES, [0.874, 0.046, 2.597, 0.663, 2.224, 2.705, 0.613
 EXPERT_RETURN = dict(zip(GAMES, [36.34, 11.63, 9.184, 9.956, 10.23, 9.933, 13.49, 29.93,
                                  9.685, 8.460, 7.408, 9.969, 11.89, 9.475, 11.46, 66.99]))
 # Procgen draws every episode's level (one of 2^31) from the seed given to make_env, so each
-# use of the game seeds its own: PPO runs seed + frames done, the dataset and evaluation far
-# above (+ 10,000 per --seed), so they meet only by the chance that two draws from 2^31 do.
+# use of the game seeds its own: PPO runs seed + frames done, the dataset (+ 10,000 per
+# --seed) and evaluation (+ seed) far above, so they meet only by the chance that two draws
+# from 2^31 do.
 LEVEL_SEEDS = dict(train=1_000_000_000, test=1_100_000_000, eval=1_200_000_000)
 
 
@@ -279,7 +280,7 @@ def read_chunk(path):
 class Dataset:
     """Windows (o_{t-1}, o_t, o_{t+1}) from a folder of chunks, never across a chunk or an
     episode. Frames of uncompressed chunks stay on disk, a window one read of 3 frames, so
-    memory does not grow with the dataset."""
+    memory grows with the dataset by its index alone (about 24 bytes a frame)."""
 
     def __init__(self, folder, split, game=None):
         if game:
@@ -359,7 +360,8 @@ class VectorQuantizerEMA(nn.Module):
     G*P*D numbers is read as G codebooks x P positions x D dims; each D-vector snaps to the
     nearest of its codebook's K codes; gradients pass straight through. The EMA counts start
     at 1: the authors' start at 0, so a code not picked on the first step is divided by ~1e-5
-    and flung away for good (perplexity 2.5 of 64 against 39.9, docs/experiments.md)."""
+    and flung far away (on coinrun at the cpu sizes perplexity 2.5 of 64 against 39.9 with 1;
+    on random inputs it depends on their scale, docs/differences.md)."""
 
     def __init__(self, codebooks, codes, dim, beta, decay, reset_after=0, eps=1e-5):
         super().__init__()
@@ -399,8 +401,8 @@ class VectorQuantizerEMA(nn.Module):
             dist.all_reduce(total)
         self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
-        if self.reset_after:  # codebook collapse: a code nobody picks never moves again, so
-            # one idle for reset_after steps restarts at a random vector of this batch
+        if self.reset_after:  # codebook collapse: a code nobody picks never moves toward the
+            # data again, so one idle for reset_after steps restarts at a random vector of this batch
             self.idle_steps.add_(1).mul_(count == 0)
             dead = (self.idle_steps >= self.reset_after).unsqueeze(-1)
             sample = x[:, torch.randint(x.shape[1], (K,), device=x.device)]  # torchrun: rank 0's, DDP broadcasts
@@ -502,7 +504,7 @@ class FDM(nn.Module):
         for block, skip in zip(self.up[1:], reversed(skips)):
             h = block(torch.cat([h, skip], 1))
         out = self.out(torch.cat([h, x], 1))
-        return x[:, self.channels :] + torch.tanh(out) if self.residual else torch.tanh(out) / 2  # pixels in [-0.5, 0.5]
+        return x[:, self.channels :] + torch.tanh(out) if self.residual else torch.tanh(out) / 2  # frames: [-0.5, 0.5]
 
 
 class Policy(nn.Module):
@@ -552,13 +554,14 @@ class RLSLPolicy(nn.Module):
     fitted by supervised learning on (IDM latent, action) pairs. RL: its linear layer (tuned
     by PPO), a zero-initialised action head and a value head. The logits are the mean of both
     paths, so the agent starts as the latent policy through the decoder at temperature 2 (as
-    in the authors' code) and RL only has to correct it. sl=False: PPO trains the decoder."""
+    in the authors' code) and RL only has to correct it. sl=False: PPO trains the decoder.
+    The decoder's widths are ONLINE_DECODER's, as fit_decoder's, which replaces it."""
 
-    def __init__(self, latent_policy, la_dim, num_actions, sl=True, hidden=ONLINE_DECODER):
+    def __init__(self, latent_policy, la_dim, num_actions, sl=True):
         super().__init__()
         self.conv, self.fc_rl, self.la_head = latent_policy.cnn.conv, latent_policy.cnn.fc, latent_policy.head
         self.fc_sl = copy.deepcopy(latent_policy.cnn.fc)
-        self.decoder, self.rl_head = mlp(la_dim, *hidden, num_actions), nn.Linear(256, num_actions)
+        self.decoder, self.rl_head = mlp(la_dim, *ONLINE_DECODER, num_actions), nn.Linear(256, num_actions)
         nn.init.zeros_(self.rl_head.weight)
         nn.init.zeros_(self.rl_head.bias)
         self.value = nn.Linear(256, 1)
@@ -831,7 +834,7 @@ def stage1_eval(cfg, idm, fdm, windows, ta):
     if idm.vq is not None:
         la_q, _, perplexity, codes = idm.vq(la)
         perplexity, live_codes = perplexity.item(), min(len(codes[:, g].unique()) for g in range(codes.shape[1]))
-    every = max(1, len(windows) // 512)  # 512-1,023 of the windows, evenly spaced, for the FDM
+    every = max(1, len(windows) // 512)  # at most 1,023 of the windows, evenly spaced, for the FDM
     x, la_x = to_input(windows[::every], cfg.device), la_q[::every]
     fdm.eval()
     with autocast(cfg):
@@ -847,7 +850,8 @@ def stage1_eval(cfg, idm, fdm, windows, ta):
 
 def evaluate(cfg, agent, episodes):
     """Returns of exactly `episodes` episodes on levels of their own (LEVEL_SEEDS), acting by
-    sampling from the policy. Each game plays a fixed share, so short episodes are not favoured."""
+    sampling from the policy (seeded: it resets torch's seed). Each game plays a fixed share,
+    so short episodes are not favoured."""
     n_envs, seed = min(episodes, 64), LEVEL_SEEDS["eval"] + cfg.seed
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
     envs, returns = make_env(cfg.env, n_envs, seed), [[] for _ in range(n_envs)]
@@ -982,7 +986,8 @@ def collect(cfg, random_policy=False, policy_path=None):
     and --test-frames rounded up to whole chunks."""
     if random_policy and policy_path:
         raise LapoError("--random plays a uniform-random policy, --policy rolls out a checkpoint: pass one")
-    agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt", "expert")
+    agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt",
+                                                   None if policy_path else "expert")
     check_game(cfg.data, cfg.env)
     Path(cfg.data).mkdir(parents=True, exist_ok=True)
     written = {}
@@ -1082,8 +1087,8 @@ def stage1(cfg):
     used = results["test_fdm_mse_shuffled"] / max(results["test_fdm_mse"], 1e-12)
     print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}), majority "
           f"class {results['majority']:.3f}; perplexity {results['test_perplexity']:.1f}/{cfg.vq_codes}; FDM error "
-          f"with shuffled latents {used:.2f}x its own" + (" -- the FDM barely uses the latent: try another --seed"
-                                                          if used < 1.01 else ""))
+          f"with shuffled latents {used:.2f}x its own" + (f" -- the FDM barely uses the latent: delete {path} "
+                                                          "and run it again with another --seed" if used < 1.01 else ""))
     return results
 
 
@@ -1104,8 +1109,6 @@ def load_stage2(cfg):
 
 
 def load_idm(cfg, ckpt):
-    if "idm" not in ckpt:
-        raise LapoError("stage2.pt was made by an older lapo.py and holds no IDM: run `python lapo.py stage2` again")
     idm = make_idm(cfg)
     idm.load_state_dict(ckpt["idm"])
     return idm.to(cfg.device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -1318,7 +1321,8 @@ def restore(path, state, total, rng=None, at_end=False, **parts):
     if state is None:
         return 0
     if state["step"] > total or state["step"] == total and not at_end:
-        raise LapoError(f"{path} is at step {state['step']} of this run's {total}: raise it or delete the file")
+        raise LapoError(f"{path} is at step {state['step']} of this run's {total}: raise --s1-steps, --s2-steps, "
+                        "--expert-frames or --ft-frames (the one this stage reads), or delete the file")
     try:
         for name, part in parts.items():
             if part is not None:
@@ -1436,8 +1440,9 @@ def setup_distributed(cfg, command):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     if rank_world()[0]:  # rank 0 alone speaks
         sys.stdout = open(os.devnull, "w")
-    if (cfg.s1_batch if command == "stage1" else cfg.s2_batch) % dist.get_world_size():
-        raise LapoError(f"the batch must be divisible by the {dist.get_world_size()} processes")
+    batch, flag = (cfg.s1_batch, "--s1-batch") if command == "stage1" else (cfg.s2_batch, "--s2-batch")
+    if batch % dist.get_world_size():
+        raise LapoError(f"{flag} {batch} must be divisible by the {dist.get_world_size()} processes")
 
 
 def global_mean(x):
@@ -1554,6 +1559,8 @@ def main(argv=None):
                             "(hours), or --device cpu to run it here anyway")
         if "RANK" in os.environ:  # launched by torchrun
             setup_distributed(cfg, args.command)
+        elif cfg.device.startswith("cuda:"):  # the GPU whose random state checkpoints save
+            torch.cuda.set_device(cfg.device)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if args.command == "eval":
             r = return_summary(cfg, evaluate(cfg, load_policy(cfg, args.policy), cfg.eval_episodes))

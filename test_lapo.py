@@ -807,6 +807,8 @@ def test_stage_out_of_order_names_the_command_to_run(tmp_path):
     assert "no dataset chunks" in line and "collect" in line
     line = error_line(run("collect", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
     assert "expert.pt not found" in line and "python lapo.py expert" in line
+    line = error_line(run("collect", "--policy", "bc-9.pt", "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
+    assert line.endswith("bc-9.pt not found"), line  # not "run expert": that would not make it
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "test").mkdir()
     for command in ("decode", "finetune"):
