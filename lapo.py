@@ -982,7 +982,7 @@ def load_policy(cfg, path, command=None):
 def collect(cfg, random_policy=False, policy_path=None):
     """Rolls out the expert (or another acting checkpoint, or uniform-random play) into the
     authors' chunk format, <data>/train/0.npz, .. and <data>/test/0.npz, .. (other levels),
-    going on after the chunks already there. Returns the frames per split: --train-frames
+    playing only the chunks missing there. Returns the frames per split: --train-frames
     and --test-frames rounded up to whole chunks."""
     if random_policy and policy_path:
         raise LapoError("--random plays a uniform-random policy, --policy rolls out a checkpoint: pass one")
@@ -992,17 +992,17 @@ def collect(cfg, random_policy=False, policy_path=None):
     Path(cfg.data).mkdir(parents=True, exist_ok=True)
     written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
-        chunk_len, folder, have = min(chunk_len, frames), Path(cfg.data, split), 0
-        n_chunks = math.ceil(frames / chunk_len)
-        folder.mkdir(exist_ok=True)
-        while (folder / f"{have}.npz").exists():  # chunks 0, 1, ..: go on at the first missing one
-            have += 1
-        if len(chunk_files(folder)) > n_chunks or have and len(read_chunk(folder / "0.npz")[0]) != chunk_len:
+        chunk_len, folder = min(chunk_len, frames), Path(cfg.data, split)
+        n_chunks, have = math.ceil(frames / chunk_len), chunk_files(folder)
+        if any(int(p.stem) >= n_chunks for p in have) or have and len(read_chunk(have[0])[0]) != chunk_len:
             raise LapoError(f"{folder} holds other chunks than the {n_chunks} of {chunk_len} frames that --{split}-frames "
                             f"{frames} asks for: use another --data folder")
-        if have < n_chunks:  # a resume plays new levels, another --seed others
+        folder.mkdir(exist_ok=True)
+        missing = [i for i in range(n_chunks) if not (folder / f"{i}.npz").exists()]
+        for first in [i for i in missing if i - 1 not in missing]:  # each run of missing chunks, on new levels
             write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
-            collect_split(cfg, agent, folder, have, n_chunks, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + have)
+            last = next((i for i in range(first, n_chunks) if i not in missing), n_chunks)
+            collect_split(cfg, agent, folder, first, last, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + first)
         written[split] = n_chunks * chunk_len
     return written
 
