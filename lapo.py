@@ -1105,6 +1105,8 @@ def stage1_probe(cfg, idm, fdm, probe, log, step, path):
 def load_stage2(cfg):
     """stage2.pt (the latent policy and the IDM it imitates), and cfg at their sizes."""
     ckpt = load_checkpoint(Path(cfg.run_dir) / "stage2.pt", "stage2", cfg)
+    if "idm" not in ckpt:  # made before stage2.pt carried its IDM
+        raise LapoError("stage2.pt was made by an older lapo.py and holds no IDM: run `python lapo.py stage2` again")
     return ckpt, sized_as(cfg, ckpt, "idm", "policy")
 
 

@@ -859,6 +859,10 @@ def test_a_checkpoint_that_cannot_act_is_named(pipeline_run, tmp_path):
     for command, ckpt in [("collect", "stage1.pt"), ("eval", "stage2.pt")]:
         line = error_line(run(command, "--policy", str(d / ckpt), "--run-dir", str(tmp_path), *SMALL, cwd=tmp_path))
         assert f"{ckpt} holds no acting policy" in line, command
+    old = {k: v for k, v in torch.load(d / "stage2.pt", weights_only=True).items() if k != "idm"}
+    torch.save(old, tmp_path / "stage2.pt")  # as an older lapo.py wrote it
+    with pytest.raises(lapo.LapoError, match="holds no IDM: run `python lapo.py stage2` again"):
+        lapo.finetune(small_cfg(run_dir=str(tmp_path)))
 
 
 def test_committed_expert_loads_with_the_cpu_preset():
