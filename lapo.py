@@ -35,11 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # 1. Configuration ------------------------------------------------------------------------
 
-
 def arg(default, help, group):
     """A Config field: help is its --help; group, its section of --help (READS: a command's sections)."""
     return dataclasses.field(default=default, metadata=dict(help=help, group=group))
-
 
 @dataclasses.dataclass
 class Config:
@@ -113,7 +111,6 @@ class Config:
     sl_batch: int = arg(512, "batch of the decoder re-fit", "finetune")
     sl_smoothing: float = arg(0.05, "label smoothing of the decoder re-fit", "finetune")
 
-
 GROUPS = dict(run="where and how", idm="stage-1 networks", policy="policy network", ppo="PPO",
               expert="the expert (PPO from scratch)", collect="the dataset", stage1="stage 1", stage2="stage 2",
               decode="offline decoding", eval="evaluation", finetune="online fine-tuning (RL + SL)")
@@ -141,10 +138,8 @@ PRESETS = {
                  s2_lr=1e-3, eval_episodes=32, ft_frames=65_536, ft_schedule_scale=0.05, ckpt_every_s=60),
 }
 
-
 def make_config(preset="paper", **overrides):
-    cfg = Config(preset=preset, **PRESETS[preset])
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = Config(preset=preset, **{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.env}-{preset}"
     cfg.data = cfg.data or str(Path(cfg.run_dir) / "data")
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +148,6 @@ def make_config(preset="paper", **overrides):
         cfg.amp = cfg.device.startswith("cuda") or "avx512_bf16" in flags or "amx_bf16" in flags
     check_config(cfg)
     return cfg
-
 
 def check_config(cfg):
     """A bad number stops here, naming its flag, rather than as a wrong result hours later."""
@@ -182,7 +176,6 @@ def check_config(cfg):
         if wrong:
             raise LapoError(why)
 
-
 # 2. Environment and data -----------------------------------------------------------------
 
 GAMES = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
@@ -199,19 +192,15 @@ EXPERT_RETURN = dict(zip(GAMES, [36.34, 11.63, 9.184, 9.956, 10.23, 9.933, 13.49
 # from 2^31 do.
 LEVEL_SEEDS = dict(train=1_000_000_000, test=1_100_000_000, eval=1_200_000_000)
 
-
 def relative_return(game, ret):
     """0 = uniform-random policy, 1 = the paper's expert."""
     return (ret - RANDOM_RETURN[game]) / (EXPERT_RETURN[game] - RANDOM_RETURN[game])
 
-
 def make_env(game, num_envs, seed):
     """Procgen, easy mode, every level; finished episodes restart by themselves."""
     from procgen import ProcgenEnv  # imported here: the networks need no game installed
-
     return ProcgenEnv(num_envs=num_envs, env_name=game, num_levels=0, start_level=0,
                       distribution_mode="easy", rand_seed=seed)
-
 
 def to_input(obs, device):
     """uint8 (B, [T,] H, W, 3) -> float (B, T*3, H, W) in [-0.5, 0.5], channels-last. Frames
@@ -222,7 +211,6 @@ def to_input(obs, device):
     x = x.permute(0, 3, 1, 2).float() / 255 - 0.5
     return x.contiguous(memory_format=torch.channels_last)
 
-
 # The dataset is the authors' format: <data>/{train,test}/<i>.npz, chunks of 32,768 (test:
 # 4,096) consecutive frames with keys obs (N,64,64,3) uint8, ta (N,) true action, done (N,)
 # bool, rewards, ep_returns, values (N,) float32. done[t]: the episode ended with action ta[t]
@@ -231,24 +219,20 @@ CHUNK_KEYS = dict(obs=np.uint8, ta=np.int64, done=np.bool_, rewards=np.float32, 
                   values=np.float32)
 TRAIN_CHUNK, TEST_CHUNK, FRAME_BYTES = 32_768, 4_096, 64 * 64 * 3
 
-
 def write_chunk(path, chunk):
     """Uncompressed, so obs can be memory-mapped; to a temporary name then renamed, so a crash
     never leaves a half-written chunk."""
     np.savez(f"{path}.tmp.npz", **{k: np.asarray(chunk[k], dtype=t) for k, t in CHUNK_KEYS.items()})
     os.replace(f"{path}.tmp.npz", path)
 
-
 def chunk_files(folder):  # 0.npz, 1.npz, ... (not a .tmp.npz a crash left behind)
     return sorted((p for p in Path(folder).glob("*.npz") if p.stem.isdigit()), key=lambda p: int(p.stem))
-
 
 def check_game(folder, game):  # another game's frames would train a stage silently
     made_on = (Path(folder) / "game.txt").read_text().strip() if (Path(folder) / "game.txt").exists() else game
     if made_on != game:
         raise LapoError(f"{folder} holds frames of {made_on}, the flags say --env {game}: pass --env {made_on}, "
                         f"or another --data")
-
 
 def read_chunk(path):
     """obs, memory-mapped unless the chunk is compressed (then read), and the per-frame arrays;
@@ -276,7 +260,6 @@ def read_chunk(path):
             raise LapoError(f"{path}: {k} has shape {v.shape} (want ({len(obs)},)) or values out of range")
     return obs, small
 
-
 class Dataset:
     """Windows (o_{t-1}, o_t, o_{t+1}) from a folder of chunks, never across a chunk or an
     episode. Frames of uncompressed chunks stay on disk, a window one read of 3 frames, so
@@ -292,8 +275,7 @@ class Dataset:
         self.obs, self.ta, index = [], [], []
         for i, path in enumerate(files):
             obs, small = read_chunk(path)
-            t = np.arange(1, len(obs) - 1)
-            done = small["done"].astype(bool)
+            t, done = np.arange(1, len(obs) - 1), small["done"].astype(bool)
             t = t[~done[t - 1] & ~done[t]]  # no episode ends between t-1 and t+1
             self.obs.append((path, obs.offset) if isinstance(obs, np.memmap) else obs)
             self.ta.append(small["ta"].astype(np.int64))
@@ -322,9 +304,7 @@ class Dataset:
         """A random batch; under torchrun every rank draws the same one and keeps its share."""
         return self.get(rng.integers(len(self), size=batch)[rank::world])
 
-
 # 3. Networks -----------------------------------------------------------------------------
-
 
 class ResidualBlock(nn.Module):
     def __init__(self, c):
@@ -333,7 +313,6 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         return x + self.conv1(F.relu(self.conv0(F.relu(x))))
-
 
 class ImpalaCNN(nn.Module):
     """IMPALA-CNN (Espeholt et al. 2018): three (conv3x3, maxpool 3x3/2, 2 residual blocks)
@@ -352,7 +331,6 @@ class ImpalaCNN(nn.Module):
 
     def forward(self, x):
         return F.relu(self.fc(self.conv(x)))
-
 
 class VectorQuantizerEMA(nn.Module):
     """Vector quantisation (van den Oord et al. 2017) with an EMA codebook: no codebook
@@ -376,8 +354,7 @@ class VectorQuantizerEMA(nn.Module):
     @torch.autocast("cpu", enabled=False)  # pick codes by rounding error
     def forward(self, z):
         """z (B, G*P*D) -> z_q (B, G*P*D), commitment loss, perplexity, codes (B, G, P)"""
-        G, K, D = self.codebook.shape
-        B = z.shape[0]
+        (G, K, D), B = self.codebook.shape, z.shape[0]
         x = z.float().view(B, G, -1, D).transpose(0, 1).reshape(G, -1, D)  # (G, B*P, D)
         distance = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.transpose(1, 2)
                     + self.codebook.pow(2).sum(-1).unsqueeze(1))  # (G, B*P, K)
@@ -415,7 +392,6 @@ class VectorQuantizerEMA(nn.Module):
         self.ema_count.copy_((self.ema_count + self.eps) / (n + K * self.eps) * n)
         self.codebook.copy_(self.ema_sum / self.ema_count.unsqueeze(-1))
 
-
 class IDM(nn.Module):
     """Latent inverse dynamics: (o_{t-1}, o_t, o_{t+1}) stacked on channels -> a latent action
     of la_dim numbers, quantised by VectorQuantizerEMA(**vq) (vq=None: the no-VQ ablation)."""
@@ -433,7 +409,6 @@ class IDM(nn.Module):
         la_q, commitment, perplexity, _ = self.vq(la)
         return la, la_q, commitment, perplexity
 
-
 class ResLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -442,7 +417,6 @@ class ResLayer(nn.Module):
 
     def forward(self, x):
         return x + self.block(x)
-
 
 class TiledLatentConv(nn.Module):
     """conv3x3(cat[x, la tiled over the image]) without building the tiled tensor: a 3x3 conv
@@ -461,15 +435,12 @@ class TiledLatentConv(nn.Module):
         per_tap = torch.einsum("bc,ockl->bokl", la, w[:, self.c_x :])
         return F.conv2d(x, w[:, : self.c_x], self.conv.bias, padding=1) + torch.einsum("bokl,klhw->bohw", per_tap, taps)
 
-
 def down_block(c_in, c_out, conv=True):  # halves the resolution
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1) if conv else nn.Identity(),
                          nn.BatchNorm2d(c_out), ResLayer(c_out), nn.MaxPool2d(2), nn.ReLU())
 
-
 def up_block(c_in, c_out):  # doubles the resolution
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2), nn.BatchNorm2d(c_out), ResLayer(c_out), nn.ReLU())
-
 
 class FDM(nn.Module):
     """Forward dynamics: a U-Net from (o_{t-1}, o_t) and the latent action to o_{t+1}, for
@@ -506,7 +477,6 @@ class FDM(nn.Module):
         out = self.out(torch.cat([h, x], 1))
         return x[:, self.channels :] + torch.tanh(out) if self.residual else torch.tanh(out) / 2  # frames: [-0.5, 0.5]
 
-
 class Policy(nn.Module):
     """IMPALA-CNN policy from o_t: action logits and a value (the PPO agents, BC) or, with
     value=False, a latent action (stage 2's latent policy)."""
@@ -524,18 +494,13 @@ class Policy(nn.Module):
             h = h.float()  # one cast: the heads' gradients meet in fp32
             return self.head(h), (None if self.value is None else self.value(h).squeeze(-1))
 
-
 def orthogonal_init(layer, std):
     nn.init.orthogonal_(layer.weight, std)
     nn.init.zeros_(layer.bias)
 
-
 def mlp(*sizes):
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     return nn.Sequential(*layers[:-1])
-
 
 class DecodedPolicy(nn.Module):
     """Offline decoding: the latent policy, then a decoder latent action -> action logits."""
@@ -546,7 +511,6 @@ class DecodedPolicy(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.latent_policy(x)[0]), None
-
 
 class RLSLPolicy(nn.Module):
     """Online decoding (paper, section 3.3). Two paths share the latent policy's conv trunk,
@@ -576,16 +540,13 @@ class RLSLPolicy(nn.Module):
             h_rl, h_sl = F.relu(self.fc_rl(h)), F.relu(self.fc_sl(h))
             return (self.rl_head(h_rl) + self.decoder(self.la_head(h_sl))) / 2, self.value(h_rl).squeeze(-1)
 
-
 def make_idm(cfg):
     vq = dict(codebooks=cfg.vq_codebooks, codes=cfg.vq_codes, dim=cfg.vq_dim, beta=cfg.vq_beta,
               decay=cfg.vq_decay, reset_after=cfg.vq_reset_after)
     return IDM(cfg.la_dim, cfg.idm_scale, vq if cfg.vq else None)
 
-
 def make_idm_fdm(cfg):
     return make_idm(cfg), FDM(cfg.la_dim, cfg.fdm_width, cfg.fdm_residual)
-
 
 def make_policy(kind, cfg):
     """The acting policy a checkpoint's kind names, at cfg's sizes (its weights: the checkpoint's)."""
@@ -594,9 +555,7 @@ def make_policy(kind, cfg):
     latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
     return (DecodedPolicy if kind == "decoded" else RLSLPolicy)(latent_policy, cfg.la_dim, NUM_ACTIONS)
 
-
 # 4. The method, one update at a time -----------------------------------------------------
-
 
 def idm_fdm_loss(idm, fdm, x):
     """x (B, 9, 64, 64) = (o_{t-1}, o_t, o_{t+1}). The IDM sees all three frames; the FDM sees
@@ -604,13 +563,12 @@ def idm_fdm_loss(idm, fdm, x):
     _, la_q, commitment, perplexity = idm(x)
     return F.mse_loss(fdm(x[:, :6], la_q).float(), x[:, 6:]), commitment, perplexity
 
-
 def stage1_update(cfg, idm, fdm, opt, x, step):
     """One step of stage 1 on windows x: FDM error + commitment, no action labels. The learning
     rate warms up from 0.1x and decays linearly to 0.01x (the paper's schedule). Returns the
     step's numbers as tensors: reading them here would make the host wait for the device."""
     warmup = min(cfg.s1_warmup, cfg.s1_steps // 2)
-    set_lr(opt, lr_at(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr]))
+    set_lr(opt, float(np.interp(step, [0, warmup, cfg.s1_steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])))
     idm.train(), fdm.train()
     with autocast(cfg):
         fdm_loss, commitment, perplexity = idm_fdm_loss(idm, fdm, x)
@@ -623,25 +581,21 @@ def stage1_update(cfg, idm, fdm, opt, x, step):
     # perplexity: under torchrun, of rank 0's share of the batch (a mean over ranks is not the batch's)
     return dict(loss=loss, fdm_loss=fdm_loss, commitment=commitment, perplexity=perplexity.detach())
 
-
 @torch.no_grad()
 def latent_actions(cfg, idm, windows, batch=256):
     """The IDM's continuous latent actions (before quantisation: what the latent policy
     imitates and the decoder reads) of uint8 windows (N, 3, 64, 64, 3), on cfg.device."""
     idm.eval()
-    la = []
-    for i in range(0, len(windows), batch):
-        with autocast(cfg):
-            la.append(idm(to_input(windows[i : i + batch], cfg.device))[0].float())
-    return torch.cat(la)
-
+    with autocast(cfg):
+        return torch.cat([idm(to_input(windows[i : i + batch], cfg.device))[0].float()
+                          for i in range(0, len(windows), batch)])
 
 def stage2_update(cfg, idm, policy, opt, x, step):
     """One step of latent behaviour cloning: the policy, from o_t alone, regresses the frozen
     IDM's continuous latent action of (o_{t-1}, o_t, o_{t+1}) (pre-quantisation, as in the
     authors' code) with MSE. The rate warms up from 0.01x, then decays to 0."""
     warmup = min(cfg.s2_warmup, cfg.s2_steps // 2)
-    set_lr(opt, lr_at(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0]))
+    set_lr(opt, float(np.interp(step, [0, warmup, cfg.s2_steps], [0.01 * cfg.s2_lr, cfg.s2_lr, 0])))
     idm.eval()  # in train mode every call would move the EMA codebook
     with torch.no_grad(), autocast(cfg):
         la, _, _, _ = idm(x)
@@ -653,7 +607,6 @@ def stage2_update(cfg, idm, policy, opt, x, step):
     loss.backward()
     opt.step()
     return dict(loss=global_mean(loss))
-
 
 class RewardNormalizer:
     """Divides rewards by the running std of the discounted return and clips to [-10, 10],
@@ -678,7 +631,6 @@ class RewardNormalizer:
     def load_state_dict(self, d):
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
 
-
 def gae(rewards, values, dones, next_value, next_done, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016) over a rollout of T steps.
     dones[t] = 1 if obs[t] starts a new episode (so no bootstrapping from t into t-1)."""
@@ -689,7 +641,6 @@ def gae(rewards, values, dones, next_value, next_done, gamma, lam):
         delta = rewards[t] + gamma * next_v * not_done - values[t]
         adv[t] = last = delta + gamma * lam * not_done * last
     return adv, adv + values
-
 
 def ppo_update(cfg, agent, opt, batch, ent_coef):
     """PPO's clipped objective (Schulman et al. 2017), epochs x minibatches over one rollout's
@@ -724,7 +675,6 @@ def ppo_update(cfg, agent, opt, batch, ent_coef):
                         "learning rate.")
     return dict(pg_loss=pg_loss.item(), v_loss=v_loss.item(), entropy=entropy.item(), first_kl=first_kl)
 
-
 def label_rollout(cfg, idm, obs, actions, dones):
     """(IDM latent action, action taken) pairs of a rollout: the latent of (o_{t-1}, o_t,
     o_{t+1}) with the action taken at o_t. obs (T, E, 64, 64, 3) uint8, actions and dones
@@ -734,10 +684,8 @@ def label_rollout(cfg, idm, obs, actions, dones):
     same_episode = ((dones[t] == 0) & (dones[t + 1] == 0)).flatten()
     return latent_actions(cfg, idm, windows[same_episode]), actions[t].flatten()[same_episode].long()
 
-
 def fit_decoder(cfg, la, ta):
-    """The SL of RL+SL: a new decoder latent action -> action, fitted from scratch on the
-    pairs (la, ta) with label smoothing. Returns it and its last loss."""
+    """The SL of RL+SL: a new decoder latent action -> action, fitted from scratch on the pairs (la, ta)."""
     decoder = mlp(la.shape[1], *ONLINE_DECODER, NUM_ACTIONS).to(la.device)
     opt = torch.optim.Adam(decoder.parameters())
     for _ in range(cfg.sl_epochs):
@@ -747,7 +695,6 @@ def fit_decoder(cfg, la, ta):
             loss.backward()
             opt.step()
     return decoder, loss.item()
-
 
 class DecoderSL:
     """Run after every PPO update, so the next rollout acts with the new decoder: labels the
@@ -779,7 +726,6 @@ class DecoderSL:
         self.la, self.ta = d["la"].to(self.cfg.device), d["ta"].to(self.cfg.device)
         self.idm.load_state_dict(d["idm"])
 
-
 def finetune_optimizer(cfg, agent, sl):
     """Adam over the parts PPO tunes (the decoder too when sl=False), and their learning rates
     at a frame: FT_RAMPS, stretched by ft_schedule_scale."""
@@ -787,12 +733,10 @@ def finetune_optimizer(cfg, agent, sl):
                  value=[*agent.value.parameters()], fc_rl=[*agent.fc_rl.parameters()])
     s = cfg.ft_schedule_scale
     return (torch.optim.Adam([dict(params=parts[k]) for k in FT_RAMPS], lr=0.0),
-            lambda frames: [lr_at(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0])
+            lambda frames: [float(np.interp(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0]))
                             for a, b, m in FT_RAMPS.values()])
 
-
 # 5. Measurements: the latent probe, stage 1's held-out scores, evaluation episodes -------
-
 
 def probe_accuracy(x, y, steps):
     """How much of the true action can be read from features x: an MLP (128, 128) fitted on
@@ -816,12 +760,10 @@ def probe_accuracy(x, y, steps):
     with torch.no_grad():
         return (net(x[n:]).argmax(-1) == y[n:]).float().mean().item()
 
-
 def majority_accuracy(y):
     """The probe's baseline: the commonest class of the fitting half, scored on the second."""
     n = len(y) // 2
     return (y[n:] == torch.bincount(y[:n]).argmax()).float().mean().item()
-
 
 @torch.no_grad()
 def stage1_eval(cfg, idm, fdm, windows, ta):
@@ -847,7 +789,6 @@ def stage1_eval(cfg, idm, fdm, windows, ta):
                 test_copy_mse=F.mse_loss(x[:, 3:6], x[:, 6:]).item(), test_perplexity=perplexity,
                 live_codes=live_codes, latent_spread=la.std(0).mean().item())
 
-
 def evaluate(cfg, agent, episodes):
     """Returns of exactly `episodes` episodes on levels of their own (LEVEL_SEEDS), acting by
     sampling from the policy (seeded: it resets torch's seed). Each game plays a fixed share,
@@ -871,14 +812,11 @@ def evaluate(cfg, agent, episodes):
     envs.close()
     return [r for env_returns in returns for r in env_returns]
 
-
 def return_summary(cfg, returns):
     m = float(np.mean(returns))
     return dict(mean=m, std=float(np.std(returns)), episodes=len(returns), relative=relative_return(cfg.env, m))
 
-
 # 6. Stages -------------------------------------------------------------------------------
-
 
 def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state=None, after_update=None):
     """PPO after CleanRL's ppo_procgen (a rollout of num_steps in num_envs games, GAE, update),
@@ -908,7 +846,6 @@ def ppo(cfg, name, agent, opt, lr_fn, frames, ent_coef, path, state=None, after_
             last_save = time.time()
     envs.close()
     return done_frames
-
 
 def rollout(cfg, agent, envs, games, normalize, returns, log, frames):
     """num_steps steps of the games, sampling the agent's actions, then GAE: one PPO update's
@@ -940,7 +877,6 @@ def rollout(cfg, agent, envs, games, normalize, returns, log, frames):
     return (dict(obs=obs.flatten(0, 1), actions=actions.flatten().long(), logprobs=logprobs.flatten(),
                  advantages=adv.flatten(), returns=ret.flatten(), values=values.flatten()), (obs, actions, dones))
 
-
 def evaluate_and_finish(cfg, path, agent, kind, step, **results):
     """The last act of every stage that makes a policy: play it, and save it as finished."""
     results.update(return_summary(cfg, evaluate(cfg, agent, cfg.eval_episodes)))
@@ -948,7 +884,6 @@ def evaluate_and_finish(cfg, path, agent, kind, step, **results):
     print(f"[{path.stem}] return {results['mean']:.2f} +- {results['std']:.2f} (relative "
           f"{results['relative']:.2f}) over {results['episodes']} episodes")
     return results
-
 
 def run_expert(cfg, name="expert", frames=None):
     """Stage 0: PPO from scratch for `frames` (default expert_frames): the expert whose rollouts
@@ -966,10 +901,8 @@ def run_expert(cfg, name="expert", frames=None):
                       cfg.expert_ent, path, state)
     return evaluate_and_finish(cfg, path, agent, "policy", done_frames)
 
-
 def load_policy(cfg, path, command=None):
-    """The acting policy of a finished checkpoint (expert, decode-N, bc-N, finetune,
-    finetune-rl, ppo), built at the sizes it was made with."""
+    """The acting policy of a finished checkpoint, built at the sizes it was made with."""
     ckpt = load_checkpoint(path, command, cfg)
     if ckpt.get("kind") not in ("policy", "decoded", "rlsl"):
         raise LapoError(f"{path} holds no acting policy: use expert.pt, decode-N.pt, bc-N.pt, finetune.pt, "
@@ -977,7 +910,6 @@ def load_policy(cfg, path, command=None):
     agent = make_policy(ckpt["kind"], sized_as(cfg, ckpt, "idm", "policy"))
     agent.load_state_dict(ckpt["policy"])
     return agent.to(cfg.device, memory_format=torch.channels_last).eval()
-
 
 def collect(cfg, random_policy=False, policy_path=None):
     """Rolls out the expert (or another acting checkpoint, or uniform-random play) into the
@@ -989,7 +921,6 @@ def collect(cfg, random_policy=False, policy_path=None):
     agent = None if random_policy else load_policy(cfg, policy_path or Path(cfg.run_dir) / "expert.pt",
                                                    None if policy_path else "expert")
     check_game(cfg.data, cfg.env)
-    Path(cfg.data).mkdir(parents=True, exist_ok=True)
     written = {}
     for split, frames, chunk_len in [("train", cfg.train_frames, TRAIN_CHUNK), ("test", cfg.test_frames, TEST_CHUNK)]:
         chunk_len, folder = min(chunk_len, frames), Path(cfg.data, split)
@@ -997,7 +928,7 @@ def collect(cfg, random_policy=False, policy_path=None):
         if any(int(p.stem) >= n_chunks for p in have) or have and len(read_chunk(have[0])[0]) != chunk_len:
             raise LapoError(f"{folder} holds other chunks than the {n_chunks} of {chunk_len} frames that --{split}-frames "
                             f"{frames} asks for: use another --data folder")
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         missing = [i for i in range(n_chunks) if not (folder / f"{i}.npz").exists()]
         for first in [i for i in missing if i - 1 not in missing]:  # each run of missing chunks, on new levels
             write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
@@ -1005,7 +936,6 @@ def collect(cfg, random_policy=False, policy_path=None):
             collect_split(cfg, agent, folder, first, last, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + first)
         written[split] = n_chunks * chunk_len
     return written
-
 
 def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     """Plays num_envs games for the same number of steps; an episode joins the chunk when it
@@ -1052,7 +982,6 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
         obs = next_obs["rgb"]
     envs.close()
 
-
 def stage1(cfg):
     """Trains the IDM and the FDM together on windows of the dataset (stage1_update), no action
     labels; every probe_every steps, measures what the latent knows on held-out windows."""
@@ -1091,16 +1020,13 @@ def stage1(cfg):
                                                           "and run it again with another --seed" if used < 1.01 else ""))
     return results
 
-
 def stage1_probe(cfg, idm, fdm, probe, log, step, path):
-    """stage1_eval on the probe windows, logged; stops a run whose latent has collapsed."""
     results = stage1_eval(cfg, idm, fdm, *probe)
     log.log(step, force=True, **results)
     if results["latent_spread"] < 1e-6:  # one latent for every window: no gradient makes it vary again
         raise LapoError(f"stage 1 collapsed at step {step}: the IDM gives every held-out window the same latent "
                         f"action, for good. Delete {path} (else it resumes this run) and run it again with another --seed")
     return results
-
 
 def load_stage2(cfg):
     """stage2.pt (the latent policy and the IDM it imitates), and cfg at their sizes."""
@@ -1109,12 +1035,10 @@ def load_stage2(cfg):
         raise LapoError("stage2.pt was made by an older lapo.py and holds no IDM: run `python lapo.py stage2` again")
     return ckpt, sized_as(cfg, ckpt, "idm", "policy")
 
-
 def load_idm(cfg, ckpt):
     idm = make_idm(cfg)
     idm.load_state_dict(ckpt["idm"])
     return idm.to(cfg.device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
 
 def stage2(cfg):
     """Latent behaviour cloning (stage2_update): the frozen IDM of stage1.pt gives the targets.
@@ -1133,7 +1057,6 @@ def stage2(cfg):
     policy_ddp = data_parallel(policy)
     test_windows, _ = test.sample(np.random.default_rng(cfg.seed), 512)
     test_x, test_la = to_input(test_windows, cfg.device), latent_actions(cfg, idm, test_windows)
-    # the baseline: predicting the mean latent
     results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
     log, pending, last_save = Logger(cfg, "stage2", cfg.s2_steps, start=step), [], time.time()
     while step < cfg.s2_steps:
@@ -1156,7 +1079,6 @@ def stage2(cfg):
     print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} (predicting the mean latent: "
           f"{results['mean_baseline_mse']:.4f})")
     return results
-
 
 def decode(cfg, bc=False):
     """Offline decoding: fits a decoder latent action -> action on --labels labelled windows
@@ -1183,9 +1105,8 @@ def decode(cfg, bc=False):
         agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
         net, x = (lambda obs: agent(obs)[0]), to_input(windows[:, 1], cfg.device)
     else:  # latent action -> a_t: the rest was learnt without labels
-        idm, agent = load_idm(cfg, ckpt), make_policy("decoded", cfg)
+        idm, agent = load_idm(cfg, ckpt), make_policy("decoded", cfg).to(cfg.device, memory_format=torch.channels_last)
         agent.latent_policy.load_state_dict(ckpt["policy"])
-        agent = agent.to(cfg.device, memory_format=torch.channels_last)
         net, x, test_la = agent.decoder, latent_actions(cfg, idm, windows), latent_actions(cfg, idm, test_windows)
     ta, batch = torch.as_tensor(ta, device=cfg.device), min(256, len(x))
     steps = (cfg.bc_epochs if bc else cfg.decode_epochs) * len(x) // batch
@@ -1202,7 +1123,6 @@ def decode(cfg, bc=False):
         results = dict(train_acc=acc(net(x), ta), test_acc=acc(agent(to_input(test_windows[:, 1], cfg.device))[0], test_ta))
         results.update({} if bc else dict(decoder_test_acc=acc(net(test_la), test_ta)))
     return evaluate_and_finish(cfg, path, agent, "policy" if bc else "decoded", steps, labels=cfg.labels, **results)
-
 
 def finetune(cfg, sl=True, scratch=False):
     """Online decoding: PPO on the RL+SL policy, its trunk frozen; PPO tunes the RL head, the
@@ -1228,7 +1148,6 @@ def finetune(cfg, sl=True, scratch=False):
     done_frames = ppo(cfg, name, agent, opt, lr_fn, cfg.ft_frames, cfg.ft_ent, path, state,
                       DecoderSL(cfg, idm, agent.decoder) if sl else None)
     return evaluate_and_finish(cfg, path, agent, "rlsl", done_frames)
-
 
 def pipeline(cfg):
     """expert -> collect -> stage1 -> stage2 -> decode -> finetune, then one results table.
@@ -1257,13 +1176,10 @@ def pipeline(cfg):
     print("\n" + table)
     return table
 
-
 # 7. Checkpoints, logging, torchrun -------------------------------------------------------
-
 
 class LapoError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
-
 
 def save_checkpoint(path, cfg, **state):
     """A plain dict: state_dicts (of anything that has one), numbers and the config, which
@@ -1273,7 +1189,6 @@ def save_checkpoint(path, cfg, **state):
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
         torch.save(dict(state, config=dataclasses.asdict(cfg)), f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
-
 
 def load_checkpoint(path, command=None, cfg=None, finished=True):
     """A checkpoint, or one line saying why it cannot be used and what to run. command: the
@@ -1292,19 +1207,11 @@ def load_checkpoint(path, command=None, cfg=None, finished=True):
         raise LapoError(f"{path} was made on {made_on}, the flags say --env {cfg.env}: pass --env {made_on}")
     return ckpt
 
-
 def sized_as(cfg, ckpt, *groups):
     """cfg with the network sizes (the fields of these groups) ckpt was made with: a later stage
     builds what it loads as it was built, so no flag can disagree with it."""
     return dataclasses.replace(cfg, **{f.name: ckpt["config"].get(f.name, getattr(cfg, f.name))
                                        for f in dataclasses.fields(Config) if set(f.metadata["group"].split()) & set(groups)})
-
-
-def saved_config(ckpt, **overrides):
-    """The Config a checkpoint was made with, with overrides (for tools/)."""
-    return dataclasses.replace(Config(**{f.name: ckpt["config"][f.name] for f in dataclasses.fields(Config)
-                                         if f.name in ckpt["config"]}), **overrides)
-
 
 def resume(cfg, name, command=None):
     """<run-dir>/<name>.pt, and the checkpoint of an earlier run there (None: a fresh run)."""
@@ -1314,7 +1221,6 @@ def resume(cfg, name, command=None):
         print(f"{path} is finished; delete it to run this stage again" if state.get("finished")
               else f"resuming {path} from step {state['step']}")
     return path, state
-
 
 def restore(path, state, total, rng=None, at_end=False, **parts):
     """Loads each part (module, optimiser, ...) of a resumed run and, with rng, the random
@@ -1339,19 +1245,15 @@ def restore(path, state, total, rng=None, at_end=False, **parts):
                         "was made with, or delete it to start again") from None
     return state["step"]
 
-
 def random_state(rng):
     return dict(numpy=rng.bit_generator.state, torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
 
 def write_atomic(path, text):
     Path(f"{path}.tmp").write_text(text)
     os.replace(f"{path}.tmp", path)
 
-
 READ_EVERY = 50  # training steps between reading the losses back from the device
-
 
 def log_pending(log, pending, what):
     """Logs the (step, metrics) gathered since the last call, each metric a tensor, read back
@@ -1365,7 +1267,6 @@ def log_pending(log, pending, what):
                             "Try a lower learning rate.")
         log.log(step, **row)
     pending.clear()
-
 
 class Logger:
     """Metrics to <run_dir>/<stage>.jsonl, a JSON object a line, and a progress line on the
@@ -1391,49 +1292,33 @@ class Logger:
             print(f"[{self.stage}] {self.unit} {step}/{self.total} {rate:.1f} {self.unit}s/s ETA {eta:.1f} min | {shown}",
                   flush=True)
 
-
 def seed_everything(seed):
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
 
-
 def autocast(cfg):
     return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.amp)
-
 
 def seed_suffix(cfg):
     """'' for seed 0, else '-seedS': runs of other seeds sit beside seed 0's, sharing its data and stages 1-2."""
     return f"-seed{cfg.seed}" if cfg.seed else ""
 
-
-def lr_at(step, points, values):
-    """piecewise-linear schedule through (points[i], values[i])"""
-    return float(np.interp(step, points, values))
-
-
-def set_lr(opt, *lrs):
-    """One learning rate per optimiser group."""
+def set_lr(opt, *lrs):  # one per optimiser group
     for g, lr in zip(opt.param_groups, lrs, strict=True):
         g["lr"] = lr
 
-
 def trained_params(opt):
     return [p for g in opt.param_groups for p in g["params"]]
-
 
 # torchrun: stages 1 and 2 run as N processes that take the step one process would take on
 # the global batch. DDP averages the gradients; the two statistics of the batch are summed
 # over the processes: the EMA codebook's (VectorQuantizerEMA.update_codebook) and
 # BatchNorm's (data_parallel swaps in GlobalBatchNorm2d).
 
-
 def rank_world():
-    """(rank, number of processes): (0, 1) unless launched by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def setup_distributed(cfg, command):
-    """Under torchrun: join the process group, NCCL on CUDA (a GPU a rank), gloo on CPU."""
     if command not in ("stage1", "stage2"):
         raise LapoError("only stage1 and stage2 run under torchrun; run the others with python")
     if cfg.device.startswith("cuda"):
@@ -1446,7 +1331,6 @@ def setup_distributed(cfg, command):
     if batch % dist.get_world_size():
         raise LapoError(f"{flag} {batch} must be divisible by the {dist.get_world_size()} processes")
 
-
 def global_mean(x):
     """x detached, averaged over the torchrun processes (what one process would have logged)."""
     x = x.detach()
@@ -1455,7 +1339,6 @@ def global_mean(x):
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
-
 
 def data_parallel(module):
     """Under torchrun, the module wrapped by DDP, each BatchNorm layer replaced by a
@@ -1471,7 +1354,6 @@ def data_parallel(module):
                 synced.weight, synced.bias = child.weight, child.bias
                 setattr(parent, name, synced)
     return DDP(module)
-
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose batch statistics span all ranks."""
@@ -1490,7 +1372,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
         return (x * self.weight[:, None, None] + self.bias[:, None, None]).to(dtype)
-
 
 # 8. Command line -------------------------------------------------------------------------
 
@@ -1514,7 +1395,6 @@ EPILOG = """start here, a first sign of stage 1 working in minutes on 2 CPU core
 every stage at toy sizes, then a table: python lapo.py pipeline --preset tiny
 the default preset, paper, has the paper's sizes: a GPU job
 python lapo.py <command> --help: the flags a command reads, with the preset's values"""
-
 
 def build_parser(preset="paper", env="coinrun"):
     """A subcommand per stage. Every Config field is a flag of every subcommand (one set of
@@ -1542,7 +1422,6 @@ def build_parser(preset="paper", env="coinrun"):
         for flag, text in [(flag, text) for c, flag, text in SWITCHES if c == command]:
             p.add_argument(flag, action="store_true", help=text)
     return parser
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1582,7 +1461,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

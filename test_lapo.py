@@ -438,7 +438,7 @@ def test_pieces_copy_out_on_their_own():
     assert z_q.shape == (5, 24) and codes.shape == (5, 2, 3)
 
     ns = copy_out(["ResidualBlock", "ImpalaCNN", "VectorQuantizerEMA", "IDM", "ResLayer", "TiledLatentConv",
-                   "down_block", "up_block", "FDM", "idm_fdm_loss", "stage1_update", "set_lr", "lr_at",
+                   "down_block", "up_block", "FDM", "idm_fdm_loss", "stage1_update", "set_lr",
                    "autocast", "global_mean", "trained_params"])
     idm = ns["IDM"](32, 0.25, vq=dict(codebooks=2, codes=8, dim=4, beta=0.05, decay=0.99))
     fdm = ns["FDM"](32, 4, residual=True)
@@ -448,7 +448,7 @@ def test_pieces_copy_out_on_their_own():
     assert math.isfinite(metrics["fdm_loss"].item())
 
     ns = copy_out(["ResidualBlock", "ImpalaCNN", "Policy", "orthogonal_init", "mlp", "RLSLPolicy", "fit_decoder",
-                   "finetune_optimizer", "lr_at"], ONLINE_DECODER=(192, 128, 64), NUM_ACTIONS=15,
+                   "finetune_optimizer"], ONLINE_DECODER=(192, 128, 64), NUM_ACTIONS=15,
                   FT_RAMPS=lapo.FT_RAMPS)
     agent = ns["RLSLPolicy"](ns["Policy"](0.25, 32, value=False), la_dim=32, num_actions=15)
     logits, value = agent(torch.rand(4, 3, 64, 64) - 0.5)

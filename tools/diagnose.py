@@ -300,7 +300,8 @@ def run_config(run, ckpt, data="", **overrides):
         data = ckpt["config"].get("data", "")
         if not data or not Path(data).exists():
             data = str(run / "data")
-    return lapo.saved_config(ckpt, **{"run_dir": str(run), "data": data, "device": "cpu", **overrides})
+    saved = {k: v for k, v in ckpt["config"].items() if k in lapo.Config.__dataclass_fields__}
+    return lapo.Config(**{**saved, "run_dir": str(run), "data": data, "device": "cpu", **overrides})
 
 
 # --- the rest of the report -----------------------------------------------------------------
@@ -384,7 +385,7 @@ def supervised_idm(cfg, train, windows, ta, groups, steps):
     opt = torch.optim.Adam(net.parameters())
     warmup = min(cfg.s1_warmup, steps // 2)
     for step in range(steps):
-        lapo.set_lr(opt, lapo.lr_at(step, [0, warmup, steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr]))
+        lapo.set_lr(opt, float(np.interp(step, [0, warmup, steps], [0.1 * cfg.s1_lr, cfg.s1_lr, 0.01 * cfg.s1_lr])))
         w, y = train.sample(rng, cfg.s1_batch)
         y = torch.as_tensor(y)
         with lapo.autocast(cfg):

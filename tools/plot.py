@@ -163,7 +163,6 @@ def claim3(run, out, game):
 def pictures(run, out, cfg):
     """What the FDM predicts, and what the latent actions encode."""
     ckpt = lapo.load_checkpoint(run / "stage1.pt", "stage1")
-    cfg = lapo.saved_config(ckpt, run_dir=cfg.run_dir, data=cfg.data, device=cfg.device)
     idm, fdm = lapo.make_idm_fdm(cfg)
     idm.load_state_dict(ckpt["idm"])
     fdm.load_state_dict(ckpt["fdm"])
@@ -202,11 +201,12 @@ def main():
     if not checkpoints:
         sys.exit(f"error: no checkpoints in {run}: run the stages first")
     first = run / "stage1.pt" if (run / "stage1.pt").exists() else checkpoints[0]
-    saved = torch.load(first, map_location="cpu", weights_only=True)
-    data = args.data or saved["config"]["data"]
+    saved = torch.load(first, map_location="cpu", weights_only=True)["config"]
+    data = args.data or saved["data"]
     if not Path(data).exists():  # the saved path is relative to where the run was made
         data = str(run / "data")
-    cfg = lapo.saved_config(saved, run_dir=str(run), data=data, device=args.device)
+    saved = {k: v for k, v in saved.items() if k in lapo.Config.__dataclass_fields__}
+    cfg = lapo.Config(**{**saved, "run_dir": str(run), "data": data, "device": args.device})
     out = run / "plots"
     out.mkdir(exist_ok=True)
     claim1(run, out, cfg.env)
