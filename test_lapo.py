@@ -25,9 +25,12 @@ import lapo
 
 HERE = Path(__file__).parent
 # the smallest sizes that still exercise every code path on a real Procgen game; fp32, as
-# bf16 convolutions this small are slower on CPUs that have bf16 (the same speed everywhere)
-SMALL = ["--preset", "tiny", "--no-amp", "--idm-scale", "0.25", "--policy-scale", "0.25", "--fdm-width", "4",
-         "--num-envs", "8", "--num-steps", "16", "--expert-frames", "256",
+# bf16 convolutions this small are slower on CPUs that have bf16 (the same speed everywhere).
+# bossfight: a uniform-random policy's episodes last about 40 steps (coinrun's 580), so each
+# final evaluation takes a fraction of a second, not seconds
+GAME = "bossfight"
+SMALL = ["--env", GAME, "--preset", "tiny", "--no-amp", "--idm-scale", "0.25", "--policy-scale", "0.25",
+         "--fdm-width", "4", "--num-envs", "8", "--num-steps", "16", "--expert-frames", "256",
          "--train-frames", "2048", "--test-frames", "1024", "--s1-steps", "4", "--s1-batch", "16",
          "--probe-every", "2", "--probe-frames", "64", "--probe-steps", "5", "--s2-steps", "4",
          "--s2-batch", "16", "--labels", "32", "--decode-epochs", "5", "--bc-epochs", "3", "--eval-episodes", "2",
@@ -42,8 +45,8 @@ def run(*args, cwd):
 
 
 def small_cfg(**kw):
-    return lapo.make_config("tiny", idm_scale=0.25, policy_scale=0.25, fdm_width=4, device="cpu",
-                            amp=False, **kw)
+    return lapo.make_config("tiny", **{"env": GAME, **kw}, idm_scale=0.25, policy_scale=0.25, fdm_width=4,
+                            device="cpu", amp=False)
 
 
 # --- the quantiser ----------------------------------------------------------------------
@@ -519,7 +522,7 @@ class Uniform(nn.Module):
 
 @pytest.mark.parametrize("episodes", [3, 70])
 def test_evaluate_plays_exactly_the_episodes_asked(episodes):
-    returns = lapo.evaluate(small_cfg(env="bossfight"), Uniform(), episodes)  # short episodes
+    returns = lapo.evaluate(small_cfg(), Uniform(), episodes)  # short episodes
     assert len(returns) == episodes
 
 
@@ -560,7 +563,7 @@ def test_majority_bar_is_fitted_and_scored_like_the_probe():
 
 
 def test_collect_writes_the_authors_format_and_reads_back(tmp_path):
-    r = run("collect", "--random", "--env", "fruitbot", "--run-dir", str(tmp_path), *SMALL,  # rewards often
+    r = run("collect", "--random", "--run-dir", str(tmp_path), *SMALL, "--env", "fruitbot",  # rewards often
             "--train-frames", "3000", "--test-frames", "5000", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     train = sorted((tmp_path / "data" / "train").iterdir())
@@ -678,7 +681,7 @@ def test_windows_never_cross_an_episode(tmp_path):
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipeline")
-    r = run("pipeline", "--env", "coinrun", "--run-dir", str(d), *SMALL, cwd=d)
+    r = run("pipeline", "--run-dir", str(d), *SMALL, cwd=d)
     return d, r
 
 
@@ -690,7 +693,7 @@ def test_pipeline_runs_every_stage_and_prints_the_table(pipeline_run):
         assert row in table
     for stage in ["expert", "stage1", "stage2", "finetune"]:
         ckpt = torch.load(d / f"{stage}.pt", weights_only=True)  # plain data, loads anywhere
-        assert ckpt["finished"] and ckpt["config"]["env"] == "coinrun"
+        assert ckpt["finished"] and ckpt["config"]["env"] == GAME
         assert (d / f"{stage}.jsonl").read_text().count("\n") >= 2
 
 
@@ -835,17 +838,17 @@ def test_corrupt_chunk_and_checkpoint_are_named(pipeline_run, tmp_path):
 
 def test_checkpoint_or_data_from_another_game(pipeline_run, tmp_path):
     d, _ = pipeline_run
-    other_game = "was made on coinrun, the flags say --env fruitbot: pass --env coinrun"
+    other_game = f"was made on {GAME}, the flags say --env fruitbot: pass --env {GAME}"
     with pytest.raises(lapo.LapoError, match=f"finetune.pt {other_game}"):  # eval would play it on fruitbot
         lapo.load_policy(small_cfg(env="fruitbot"), d / "finetune.pt")
     with pytest.raises(lapo.LapoError, match=f"stage1.pt {other_game}"):
         lapo.load_checkpoint(d / "stage1.pt", "stage1", small_cfg(env="fruitbot"))
-    assert (d / "data" / "game.txt").read_text() == "coinrun\n"  # collect names the game beside the chunks
-    with pytest.raises(lapo.LapoError, match="data holds frames of coinrun, the flags say --env fruitbot"):
+    assert (d / "data" / "game.txt").read_text() == f"{GAME}\n"  # collect names the game beside the chunks
+    with pytest.raises(lapo.LapoError, match=f"data holds frames of {GAME}, the flags say --env fruitbot"):
         lapo.Dataset(d / "data", "train", "fruitbot")
     (tmp_path / "data").mkdir()
     shutil.copy(d / "data" / "game.txt", tmp_path / "data")
-    with pytest.raises(lapo.LapoError, match="data holds frames of coinrun, the flags say --env fruitbot"):
+    with pytest.raises(lapo.LapoError, match=f"data holds frames of {GAME}, the flags say --env fruitbot"):
         lapo.collect(small_cfg(env="fruitbot", data=str(tmp_path / "data"), run_dir=str(tmp_path)), random_policy=True)
     (tmp_path / "old" / "train").mkdir(parents=True)  # data from before game.txt: not labelled by a collect
     shutil.copy(d / "data" / "train" / "0.npz", tmp_path / "old" / "train")
@@ -958,7 +961,7 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
     state is saved with the checkpoint) end with exactly the numbers of a run never stopped."""
     d, _ = pipeline_run
     args = [stage, *SMALL, "--data", str(d / "data"), "--no-amp", "--s1-steps", "80", "--probe-every", "40",
-            "--s2-steps", "150", "--expert-frames", "8192", "--ft-frames", "4096", "--sl-start", "1",
+            "--s2-steps", "150", "--expert-frames", "4096", "--ft-frames", "4096", "--sl-start", "1",
             "--sl-dense", "1000000000", "--sl-end", "1000000000", "--ckpt-every-s", "0.2"]
     runs = {}
     for name in ("killed", "whole") if stage in ("stage1", "stage2") else ("killed",):
@@ -974,7 +977,7 @@ def test_killed_run_resumes_as_if_uninterrupted(pipeline_run, tmp_path, stage):
         runs[name] = [{k: v for k, v in row.items() if k != "time"} for row in map(json.loads, open(rd / f"{stage}.jsonl"))]
     if "whole" in runs:
         assert runs["killed"] == runs["whole"]
-    total = dict(stage1=80, stage2=150, expert=8192, finetune=4096)[stage]
+    total = dict(stage1=80, stage2=150, expert=4096, finetune=4096)[stage]
     rd = tmp_path / "killed"
     ckpt = torch.load(rd / f"{stage}.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["step"] == total
