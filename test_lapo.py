@@ -632,7 +632,7 @@ def test_each_use_of_the_game_has_levels_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(lapo, "make_env", lambda game, n, seed: seeds.append(seed) or make_env(game, n, seed))
     used = {}
     for seed in (0, 1):
-        cfg = small_cfg(run_dir=str(tmp_path / str(seed)), env="bossfight", seed=seed, num_envs=4, num_steps=8,
+        cfg = small_cfg(run_dir=str(tmp_path / str(seed)), seed=seed, num_envs=4, num_steps=8,
                         train_frames=400, test_frames=400, expert_frames=64, eval_episodes=4)
         lapo.collect(cfg, random_policy=True)
         used.setdefault("train", []).append(seeds[-2])

@@ -64,6 +64,7 @@ above follows (add --baselines-only to keep it short).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -300,7 +301,7 @@ def run_config(run, ckpt, data="", **overrides):
         data = ckpt["config"].get("data", "")
         if not data or not Path(data).exists():
             data = str(run / "data")
-    saved = {k: v for k, v in ckpt["config"].items() if k in lapo.Config.__dataclass_fields__}
+    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(lapo.Config)}}
     return lapo.Config(**{**saved, "run_dir": str(run), "data": data, "device": "cpu", **overrides})
 
 

@@ -15,6 +15,7 @@ Curves and bars over seeds run from the worst seed to the best (min-max, not std
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -205,7 +206,7 @@ def main():
     data = args.data or saved["data"]
     if not Path(data).exists():  # the saved path is relative to where the run was made
         data = str(run / "data")
-    saved = {k: v for k, v in saved.items() if k in lapo.Config.__dataclass_fields__}
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(lapo.Config)}}
     cfg = lapo.Config(**{**saved, "run_dir": str(run), "data": data, "device": args.device})
     out = run / "plots"
     out.mkdir(exist_ok=True)
