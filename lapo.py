@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 # 1. Configuration ------------------------------------------------------------------------
 
 def arg(default, help, group):
@@ -176,6 +177,7 @@ def check_config(cfg):
         if wrong:
             raise LapoError(why)
 
+
 # 2. Environment and data -----------------------------------------------------------------
 
 GAMES = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
@@ -303,6 +305,7 @@ class Dataset:
     def sample(self, rng, batch, rank=0, world=1):
         """A random batch; under torchrun every rank draws the same one and keeps its share."""
         return self.get(rng.integers(len(self), size=batch)[rank::world])
+
 
 # 3. Networks -----------------------------------------------------------------------------
 
@@ -555,6 +558,7 @@ def make_policy(kind, cfg):
     latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
     return (DecodedPolicy if kind == "decoded" else RLSLPolicy)(latent_policy, cfg.la_dim, NUM_ACTIONS)
 
+
 # 4. The method, one update at a time -----------------------------------------------------
 
 def idm_fdm_loss(idm, fdm, x):
@@ -736,6 +740,7 @@ def finetune_optimizer(cfg, agent, sl):
             lambda frames: [float(np.interp(frames, [0, a * s, b * s, cfg.ft_frames], [0, 0, cfg.ft_lr * m, 0]))
                             for a, b, m in FT_RAMPS.values()])
 
+
 # 5. Measurements: the latent probe, stage 1's held-out scores, evaluation episodes -------
 
 def probe_accuracy(x, y, steps):
@@ -815,6 +820,7 @@ def evaluate(cfg, agent, episodes):
 def return_summary(cfg, returns):
     m = float(np.mean(returns))
     return dict(mean=m, std=float(np.std(returns)), episodes=len(returns), relative=relative_return(cfg.env, m))
+
 
 # 6. Stages -------------------------------------------------------------------------------
 
@@ -1176,6 +1182,7 @@ def pipeline(cfg):
     print("\n" + table)
     return table
 
+
 # 7. Checkpoints, logging, torchrun -------------------------------------------------------
 
 class LapoError(Exception):
@@ -1372,6 +1379,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
         return (x * self.weight[:, None, None] + self.bias[:, None, None]).to(dtype)
+
 
 # 8. Command line -------------------------------------------------------------------------
 
