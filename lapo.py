@@ -50,7 +50,7 @@ class Config:
     seed: int = arg(0, "random seed; for decode and finetune, S > 0 writes files with -seedS", "run")
     amp: bool = arg(None, "bf16 autocast (default: on with CUDA and on CPUs with bf16 instructions)", "run")
     ckpt_every_s: float = arg(300, "seconds between checkpoints: the most work a crash can cost", "run")
-    # stage 1's networks (a later stage builds them at the sizes saved in stage1.pt)
+    # stage 1's networks (a later stage builds them as saved in stage1.pt)
     idm_scale: float = arg(4, "IDM width: IMPALA channels (16, 32, 32) x scale", "idm")
     fdm_width: int = arg(24, "FDM U-Net base width b: channels b .. 32b", "idm")
     fdm_residual: bool = arg(False, "FDM predicts o_{t+1} - o_t, starting from 0 (copying o_t is then free)", "idm")
@@ -899,7 +899,7 @@ def run_expert(cfg, name="expert", frames=None):
         return state["results"]
     frames = frames or cfg.expert_frames
     seed_everything(cfg.seed)
-    agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+    agent = make_policy("policy", cfg).to(cfg.device, memory_format=torch.channels_last)
     orthogonal_init(agent.head, 0.01)  # CleanRL's PPO: a near-uniform first policy,
     orthogonal_init(agent.value, 1.0)  # unit-scale values, and Adam's eps 1e-5
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.expert_lr, eps=1e-5)
@@ -938,16 +938,16 @@ def collect(cfg, random_policy=False, policy_path=None):
         missing = [i for i in range(n_chunks) if not (folder / f"{i}.npz").exists()]
         for first in [i for i in missing if i - 1 not in missing]:  # each run of missing chunks, on new levels
             write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
-            last = next((i for i in range(first, n_chunks) if i not in missing), n_chunks)
-            collect_split(cfg, agent, folder, first, last, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + first)
+            end = next((i for i in range(first, n_chunks) if i not in missing), n_chunks)
+            collect_split(cfg, agent, folder, first, end, chunk_len, LEVEL_SEEDS[split] + 10_000 * cfg.seed + first)
         written[split] = n_chunks * chunk_len
     return written
 
-def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
-    """Plays num_envs games for the same number of steps; an episode joins the chunk when it
-    ends, so chunks are whole episodes end to end (the last may run on into the next chunk).
-    The episodes still running at the last step are cut there (done = True) and kept:
-    dropping them would drop the long ones. Frames go into arrays made once (an episode per
+def collect_split(cfg, agent, folder, first, end, chunk_len, seed):
+    """Plays chunks first .. end - 1: num_envs games for the same number of steps; an episode
+    joins the chunk when it ends, so chunks are whole episodes end to end (the last may run on
+    into the next chunk). The episodes still running at the last step are cut there (done =
+    True) and kept: dropping them would drop the long ones. Frames go into arrays made once (an episode per
     game, a chunk): an array per frame would fragment the heap (4x the peak memory)."""
     E, rows = cfg.num_envs, np.arange(cfg.num_envs)
     envs, rng = make_env(cfg.env, E, seed), seed_everything(seed)
@@ -955,8 +955,9 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
     episode = {k: np.empty((E, cap, *(obs.shape[1:] if k == "obs" else ())), t) for k, t in CHUNK_KEYS.items()}
     chunk = {k: np.empty((chunk_len, *v.shape[2:]), v.dtype) for k, v in episode.items()}
     length, filled, n, ep_ret = np.zeros(E, int), 0, first, np.zeros(E)
-    log, steps = Logger(cfg, f"collect-{folder.name}", n_chunks * chunk_len, first * chunk_len, "frame"), 0
-    while n < n_chunks:
+    log, steps = Logger(cfg, f"collect-{folder.name}", end * chunk_len, first * chunk_len, "frame"), 0
+    last_step = math.ceil((end - first) * chunk_len / E)  # it cuts every running episode
+    while n < end:
         if agent is None:
             action, value = rng.integers(NUM_ACTIONS, size=E), np.zeros(E)
         else:
@@ -971,11 +972,11 @@ def collect_split(cfg, agent, folder, first, n_chunks, chunk_len, seed):
         for k, v in zip(CHUNK_KEYS, (obs, action, done, reward, ep_ret, value)):
             episode[k][rows, length] = v
         length += 1
-        if steps == math.ceil((n_chunks - first) * chunk_len / E):  # the last step cuts every running episode
+        if steps == last_step:
             done = episode["done"][rows, length - 1] = np.ones(E, bool)
         for i in np.flatnonzero(done):  # copy the finished episode into the chunk(s)
             start = 0
-            while start < length[i] and n < n_chunks:
+            while start < length[i] and n < end:
                 m = min(chunk_len - filled, length[i] - start)
                 for k in CHUNK_KEYS:
                     chunk[k][filled : filled + m] = episode[k][i, start : start + m]
@@ -1108,7 +1109,7 @@ def decode(cfg, bc=False):
     test = Dataset(cfg.data, "test", cfg.env)
     test_windows, test_ta = test.get(np.arange(0, len(test), max(1, len(test) // 2048)))  # for evaluation only
     if bc:  # o_t -> a_t, every weight learnt from the labelled frames alone
-        agent = Policy(cfg.policy_scale, NUM_ACTIONS).to(cfg.device, memory_format=torch.channels_last)
+        agent = make_policy("policy", cfg).to(cfg.device, memory_format=torch.channels_last)
         net, x = (lambda obs: agent(obs)[0]), to_input(windows[:, 1], cfg.device)
     else:  # latent action -> a_t: the rest was learnt without labels
         idm, agent = load_idm(cfg, ckpt), make_policy("decoded", cfg).to(cfg.device, memory_format=torch.channels_last)
@@ -1215,8 +1216,8 @@ def load_checkpoint(path, command=None, cfg=None, finished=True):
     return ckpt
 
 def sized_as(cfg, ckpt, *groups):
-    """cfg with the network sizes (the fields of these groups) ckpt was made with: a later stage
-    builds what it loads as it was built, so no flag can disagree with it."""
+    """cfg with the fields of these groups (the networks' sizes and settings) as ckpt was made
+    with: a later stage builds what it loads as it was built, so no flag can disagree with it."""
     return dataclasses.replace(cfg, **{f.name: ckpt["config"].get(f.name, getattr(cfg, f.name))
                                        for f in dataclasses.fields(Config) if set(f.metadata["group"].split()) & set(groups)})
 
