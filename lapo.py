@@ -1004,16 +1004,14 @@ def stage1(cfg):
     idm_ddp, fdm_ddp = data_parallel(idm), data_parallel(fdm)
     windows, ta = test.get(np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int))
     probe = windows, torch.as_tensor(ta)
-    log, pending, last_save = Logger(cfg, "stage1", cfg.s1_steps, start=step), [], time.time()
+    log, last_save = Logger(cfg, "stage1", cfg.s1_steps, start=step), time.time()
     results = state["results"] if state else stage1_probe(cfg, idm, fdm, probe, log, 0, path)
     while step < cfg.s1_steps:
         windows, _ = train.sample(rng, cfg.s1_batch, *rank_world())
         metrics = stage1_update(cfg, idm_ddp, fdm_ddp, opt, to_input(windows, cfg.device), step)
         step += 1
-        pending.append((step, metrics))
         finished, save = step == cfg.s1_steps, time.time() - last_save > cfg.ckpt_every_s
-        if finished or save or step % cfg.probe_every == 0 or len(pending) == READ_EVERY:
-            log_pending(log, pending, "stage1 loss")
+        log.add(step, metrics, flush=finished or save or step % cfg.probe_every == 0)
         if finished or step % cfg.probe_every == 0:
             results = stage1_probe(cfg, idm, fdm, probe, log, step, path)
         if finished or save:
@@ -1065,7 +1063,7 @@ def stage2(cfg):
     test_windows, _ = test.sample(np.random.default_rng(cfg.seed), 512)
     test_x, test_la = to_input(test_windows, cfg.device), latent_actions(cfg, idm, test_windows)
     results = dict(mean_baseline_mse=F.mse_loss(test_la.mean(0).expand_as(test_la), test_la).item())
-    log, pending, last_save = Logger(cfg, "stage2", cfg.s2_steps, start=step), [], time.time()
+    log, last_save = Logger(cfg, "stage2", cfg.s2_steps, start=step), time.time()
     while step < cfg.s2_steps:
         windows, _ = train.sample(rng, cfg.s2_batch, *rank_world())
         metrics = stage2_update(cfg, idm, policy_ddp, opt, to_input(windows, cfg.device), step)
@@ -1075,9 +1073,7 @@ def stage2(cfg):
             policy.eval()
             with torch.no_grad(), autocast(cfg):
                 metrics["test_loss"] = F.mse_loss(policy(test_x[:, 3:6])[0].float(), test_la)
-        pending.append((step, metrics))
-        if finished or save or len(pending) == READ_EVERY:
-            log_pending(log, pending, "stage2 loss")
+        log.add(step, metrics, flush=finished or save)
         if finished or save:
             results["test_mse"] = metrics["test_loss"].item() if finished else math.nan
             save_checkpoint(path, cfg, policy=policy, idm=idm, opt=opt, step=step, finished=finished,
@@ -1263,19 +1259,6 @@ def write_atomic(path, text):
 
 READ_EVERY = 50  # training steps between reading the losses back from the device
 
-def log_pending(log, pending, what):
-    """Logs the (step, metrics) gathered since the last call, each metric a tensor, read back
-    from the device at once: the host does not wait for it every step. Stops at a loss that
-    is not finite, before a checkpoint can keep it."""
-    values = iter(torch.cat([torch.stack([v.float() for v in m.values()]) for _, m in pending]).tolist())
-    for step, metrics in pending:
-        row = {k: next(values) for k in metrics}
-        if not math.isfinite(row["loss"]):
-            raise LapoError(f"{what} became {row['loss']} at step {step}: stopping; the last checkpoint is intact. "
-                            "Try a lower learning rate.")
-        log.log(step, **row)
-    pending.clear()
-
 class Logger:
     """Metrics to <run_dir>/<stage>.jsonl, a JSON object a line, and a progress line on the
     console every few seconds: step, rate, ETA and the latest numbers. Under torchrun rank 0
@@ -1284,6 +1267,7 @@ class Logger:
     def __init__(self, cfg, stage, total, start=0, unit="step"):
         self.path, self.stage, self.total, self.unit = Path(cfg.run_dir) / f"{stage}.jsonl", stage, total, unit
         self.start, self.t0, self.last_print, self.silent = start, time.time(), 0.0, rank_world()[0] != 0
+        self.pending = []  # (step, metrics as tensors) not yet read back
         if not self.silent:  # a row a crash cut short does not end in "}"
             rows = self.path.read_text().splitlines() if start and self.path.exists() else []
             write_atomic(self.path, "".join(r + "\n" for r in rows if r.endswith("}") and json.loads(r)["step"] <= start))
@@ -1299,6 +1283,22 @@ class Logger:
             eta = (self.total - step) / rate / 60 if rate > 0 else 0
             print(f"[{self.stage}] {self.unit} {step}/{self.total} {rate:.1f} {self.unit}s/s ETA {eta:.1f} min | {shown}",
                   flush=True)
+
+    def add(self, step, metrics, flush=False):
+        """A training step's metrics, tensors, read back from the device READ_EVERY steps at a
+        time (or now, with flush): the host does not wait for the device every step. Stops at
+        a loss that is not finite, before a checkpoint can keep it (on every rank)."""
+        self.pending.append((step, metrics))
+        if not (flush or len(self.pending) == READ_EVERY):
+            return
+        values = iter(torch.cat([torch.stack([v.float() for v in m.values()]) for _, m in self.pending]).tolist())
+        for s, m in self.pending:
+            row = {k: next(values) for k in m}
+            if not math.isfinite(row["loss"]):
+                raise LapoError(f"{self.stage} loss became {row['loss']} at step {s}: stopping; the last checkpoint "
+                                "is intact. Try a lower learning rate.")
+            self.log(s, **row)
+        self.pending.clear()
 
 def seed_everything(seed):
     torch.manual_seed(seed)
