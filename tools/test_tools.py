@@ -30,7 +30,7 @@ def load_tool(name):
 
 diagnose, plot = load_tool("diagnose"), load_tool("plot")
 
-# test_lapo.py's smallest sizes that still exercise every code path on a real Procgen game
+# test_lapo.py's smallest sizes, on coinrun (whose action groups these tests check)
 SMALL = ["--preset", "tiny", "--idm-scale", "0.25", "--policy-scale", "0.25", "--fdm-width", "4",
          "--num-envs", "8", "--num-steps", "16", "--expert-frames", "256",
          "--train-frames", "2048", "--test-frames", "1024", "--s1-steps", "4", "--s1-batch", "16",
