@@ -552,7 +552,7 @@ def make_idm_fdm(cfg):
     return make_idm(cfg), FDM(cfg.la_dim, cfg.fdm_width, cfg.fdm_residual)
 
 def make_policy(kind, cfg):
-    """The acting policy a checkpoint's kind names, at cfg's sizes (its weights: the checkpoint's)."""
+    """A new acting policy of a checkpoint's kind (policy, decoded, rlsl) at cfg's sizes."""
     if kind == "policy":
         return Policy(cfg.policy_scale, NUM_ACTIONS)
     latent_policy = Policy(cfg.policy_scale, cfg.la_dim, value=False)
@@ -935,7 +935,7 @@ def collect(cfg, random_policy=False, policy_path=None):
             raise LapoError(f"{folder} holds other chunks than the {n_chunks} of {chunk_len} frames that --{split}-frames "
                             f"{frames} asks for: use another --data folder")
         folder.mkdir(parents=True, exist_ok=True)
-        missing = [i for i in range(n_chunks) if not (folder / f"{i}.npz").exists()]
+        missing = sorted(set(range(n_chunks)) - {int(p.stem) for p in have})
         for first in [i for i in missing if i - 1 not in missing]:  # each run of missing chunks, on new levels
             write_atomic(Path(cfg.data) / "game.txt", cfg.env + "\n")
             end = next((i for i in range(first, n_chunks) if i not in missing), n_chunks)
@@ -1000,7 +1000,7 @@ def stage1(cfg):
     rng = seed_everything(cfg.seed)
     idm, fdm = (m.to(cfg.device, memory_format=torch.channels_last) for m in make_idm_fdm(cfg))
     opt = torch.optim.Adam([*idm.parameters(), *fdm.parameters()], lr=cfg.s1_lr)
-    step = restore(path, state, cfg.s1_steps, idm=idm, fdm=fdm, opt=opt, rng=rng)
+    step = restore(path, state, cfg.s1_steps, idm=idm, fdm=fdm, opt=opt, rng=rng, device=cfg.device)
     idm_ddp, fdm_ddp = data_parallel(idm), data_parallel(fdm)
     windows, ta = test.get(np.linspace(0, len(test) - 1, min(cfg.probe_frames, len(test))).astype(int))
     probe = windows, torch.as_tensor(ta)
@@ -1016,7 +1016,7 @@ def stage1(cfg):
             results = stage1_probe(cfg, idm, fdm, probe, log, step, path)
         if finished or save:
             save_checkpoint(path, cfg, idm=idm, fdm=fdm, opt=opt, step=step, finished=finished, results=results,
-                            random=random_state(rng))
+                            random=random_state(rng, cfg.device))
             last_save = time.time()
     used = results["test_fdm_mse_shuffled"] / max(results["test_fdm_mse"], 1e-12)
     print(f"[stage1] probe accuracy {results['probe_la']:.3f} (quantised {results['probe_la_q']:.3f}), majority "
@@ -1058,7 +1058,7 @@ def stage2(cfg):
     rng = seed_everything(cfg.seed)
     policy = Policy(cfg.policy_scale, cfg.la_dim, value=False).to(cfg.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.s2_lr)
-    step = restore(path, state, cfg.s2_steps, policy=policy, opt=opt, rng=rng)
+    step = restore(path, state, cfg.s2_steps, policy=policy, opt=opt, rng=rng, device=cfg.device)
     policy_ddp = data_parallel(policy)
     test_windows, _ = test.sample(np.random.default_rng(cfg.seed), 512)
     test_x, test_la = to_input(test_windows, cfg.device), latent_actions(cfg, idm, test_windows)
@@ -1077,7 +1077,7 @@ def stage2(cfg):
         if finished or save:
             results["test_mse"] = metrics["test_loss"].item() if finished else math.nan
             save_checkpoint(path, cfg, policy=policy, idm=idm, opt=opt, step=step, finished=finished,
-                            results=results, random=random_state(rng))
+                            results=results, random=random_state(rng, cfg.device))
             last_save = time.time()
     print(f"[stage2] held-out latent MSE {results['test_mse']:.4f} (predicting the mean latent: "
           f"{results['mean_baseline_mse']:.4f})")
@@ -1226,10 +1226,11 @@ def resume(cfg, name, command=None):
               else f"resuming {path} from step {state['step']}")
     return path, state
 
-def restore(path, state, total, rng=None, at_end=False, **parts):
+def restore(path, state, total, rng=None, device="cpu", at_end=False, **parts):
     """Loads each part (module, optimiser, ...) of a resumed run and, with rng, the random
-    state, so it goes on as if never stopped; returns the step it had reached (0: none).
-    at_end: it may stand at its last step (PPO, killed in its final evaluation)."""
+    state (on a cuda device, CUDA's too), so it goes on as if never stopped; returns the step
+    it had reached (0: none). at_end: it may stand at its last step (PPO, killed in its final
+    evaluation)."""
     if state is None:
         return 0
     if state["step"] > total or state["step"] == total and not at_end:
@@ -1242,16 +1243,16 @@ def restore(path, state, total, rng=None, at_end=False, **parts):
         if rng is not None:
             rng.bit_generator.state = state["random"]["numpy"]
             torch.set_rng_state(state["random"]["torch"])
-            if state["random"]["cuda"] is not None and torch.cuda.is_available():  # the codebook resets' draws
-                torch.cuda.set_rng_state(state["random"]["cuda"])
+            if state["random"]["cuda"] is not None and device.startswith("cuda"):  # the codebook resets' draws
+                torch.cuda.set_rng_state(state["random"]["cuda"], device)
     except (KeyError, ValueError, RuntimeError) as e:  # other sizes, or an older lapo.py
         raise LapoError(f"{path} does not fit these flags ({str(e).splitlines()[0][:200]}): pass the flags it "
                         "was made with, or delete it to start again") from None
     return state["step"]
 
-def random_state(rng):
+def random_state(rng, device):
     return dict(numpy=rng.bit_generator.state, torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+                cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
 
 def write_atomic(path, text):
     Path(f"{path}.tmp").write_text(text)
@@ -1291,7 +1292,7 @@ class Logger:
         self.pending.append((step, metrics))
         if not (flush or len(self.pending) == READ_EVERY):
             return
-        values = iter(torch.cat([torch.stack([v.float() for v in m.values()]) for _, m in self.pending]).tolist())
+        values = iter(torch.stack([v.float() for _, m in self.pending for v in m.values()]).tolist())
         for s, m in self.pending:
             row = {k: next(values) for k in m}
             if not math.isfinite(row["loss"]):
@@ -1449,8 +1450,6 @@ def main(argv=None):
                             "(hours), or --device cpu to run it here anyway")
         if "RANK" in os.environ:  # launched by torchrun
             setup_distributed(cfg, args.command)
-        elif cfg.device.startswith("cuda:"):  # the GPU whose random state checkpoints save
-            torch.cuda.set_device(cfg.device)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if args.command == "eval":
             r = return_summary(cfg, evaluate(cfg, load_policy(cfg, args.policy), cfg.eval_episodes))
@@ -1465,7 +1464,8 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact: run the same command to resume", file=sys.stderr)
+        print("interrupted; the last checkpoint is intact: run the same command to resume (decode and eval start "
+              "over)", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
